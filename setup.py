@@ -18,9 +18,9 @@ dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 
 setuptools.setup(
     name=cfg['lib_name'],
-    license=lic[0],
+    license='Apache-2.0',
     classifiers=['Development Status :: ' + statuses[int(cfg['status'])], 'Intended Audience :: Science/Research',
-                 'License :: ' + lic[1], 'Natural Language :: English', 'Programming Language :: Python :: 3'],
+'Natural Language :: English', 'Programming Language :: Python :: 3'],
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['echobook', 'echobook.*']),
     include_package_data=True,
