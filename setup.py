@@ -24,7 +24,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['echobook', 'echobook.*']),
     include_package_data=True,
-    package_data={'echobook': ['configs/*.yaml', 'citations/*.yaml']},
+    package_data={},
     install_requires=requirements,
     extras_require={'dev': dev_requirements},
     python_requires='>=' + cfg['min_python'],

@@ -4,7 +4,7 @@ import os, pytest
 
 NBS = Path(__file__).parents[1]/'nbs'
 SKIP_FLAGS = ('slow', 'cuda', 'weights')  # cells carrying these test flags are skipped, as in nbdev_test
-notebooks = sorted(p for p in NBS.rglob('*.ipynb') if not p.name.startswith('_') and '.ipynb_checkpoints' not in p.parts)
+notebooks = sorted(p for p in NBS.rglob('*.ipynb') if not p.name.startswith('_') and not {'.ipynb_checkpoints', 'experiments'} & set(p.parts))
 
 
 @pytest.mark.notebook
