@@ -13,12 +13,18 @@ __all__ = ['atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'git_
            'finish_run', 'fail_run']
 
 # %% ../nbs/08_runs.ipynb #0229560f
+def _umask() -> int:
+    "The process umask (read without changing it for longer than an instant)."
+    um = os.umask(0); os.umask(um)
+    return um
+
 def atomic_write_bytes(path, data: bytes):
     "Write `data` to `path` atomically: temp file in the same folder, fsync, rename."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
+        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp creates 0600; results should be readable like any other file
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
             f.flush()
@@ -40,9 +46,17 @@ def _json_default(o):
     if isinstance(o, Path): return str(o)
     raise TypeError(f'not JSON serializable: {type(o).__name__}')
 
+def _finite(o):
+    "Replace NaN/inf floats (anywhere in `o`) by None: strict JSON has no NaN."
+    if isinstance(o, float): return o if o == o and abs(o) != float('inf') else None
+    if isinstance(o, dict): return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [_finite(v) for v in o]
+    return o
+
 def atomic_write_json(path, obj, indent=2):
-    "Write `obj` as JSON to `path` atomically (numpy values and paths allowed)."
-    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default) + '\n')
+    "Write `obj` as strict JSON to `path` atomically (numpy values and paths allowed; NaN written as null)."
+    text = json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), indent=indent, allow_nan=False)
+    return atomic_write_text(path, text + '\n')
 
 # %% ../nbs/08_runs.ipynb #480c4222
 def git_sha(cwd=None) -> str|None:
