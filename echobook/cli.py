@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['COMMANDS', 'SUBCOMMAND_MODULES', 'subcommand', 'arg', 'build_parser', 'main', 'cmd_phantom', 'format_report',
-           'cmd_inspect', 'cmd_prepare']
+__all__ = ['COMMANDS', 'SUBCOMMAND_MODULES', 'DEMO', 'subcommand', 'arg', 'build_parser', 'main', 'cmd_phantom', 'format_report',
+           'cmd_inspect', 'cmd_prepare', 'repo_root', 'run_experiment', 'demo_table', 'cmd_demo']
 
 # %% ../nbs/09_cli.ipynb #4e2dc462
 COMMANDS: dict[str, tuple] = {}
@@ -123,3 +123,50 @@ def cmd_prepare(data_dir, cache_dir, policy, frames, workers):
     index, _ = read_cache_index(out)
     n_ex = len(pd.read_csv(out/'excluded.csv'))
     print(f'{len(index)} clips in {out} ({n_ex} videos excluded, see {out/"excluded.csv"}) in {time.time() - t0:.1f} s')
+
+# %% ../nbs/09_cli.ipynb #25a37476
+DEMO = dict(encoder='mvit_v2_s.echoprime', head='gcn', k=16, augment=True, epochs=12, phantom_videos=160)
+
+def repo_root() -> Path: return Path(__file__).resolve().parents[1]
+
+def run_experiment(notebook, out_dir, params: dict, kernel='echobook') -> Path:
+    "Execute an experiment notebook with papermill, keeping the executed copy as `out_dir/notebook.ipynb`."
+    import papermill as pm
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(str(notebook), str(out_dir/'notebook.ipynb'), parameters=params, kernel_name=kernel,
+                        cwd=str(out_dir), progress_bar=True)
+    return out_dir
+
+# %% ../nbs/09_cli.ipynb #2ac89dc0
+def demo_table(metrics: dict) -> pd.DataFrame:
+    "Model vs mean-shape baseline from a landmark run's metrics (Dice in %, MKE in px)."
+    s = metrics['summary']
+    rows = {}
+    for who in ['model', 'mean shape']:
+        rows[who] = {f'{m} {ph}': (f"{100*s[f'{who}/{m.lower()}_{ph.lower()}/mean']:.2f}" if m == 'Dice' else f"{s[f'{who}/{m.lower()}_{ph.lower()}/mean']:.2f}")
+                     for m in ['Dice', 'MKE'] for ph in ['ED', 'ES']}
+    return pd.DataFrame(rows).T
+
+# %% ../nbs/09_cli.ipynb #4f2245fc
+@subcommand('demo', 'Quick demo: phantom dataset, data report, clip cache, one landmark model trained and evaluated.',
+            arg('--root', default='runs', help='folder for the phantom data, cache and run'),
+            arg('--epochs', type=int, default=DEMO['epochs'], help='training epochs'),
+            arg('--videos', type=int, default=DEMO['phantom_videos'], help='phantom videos'),
+            arg('--encoder', default=DEMO['encoder'], help='encoder (see echobook.encoders.list_encoders())'),
+            arg('--k', type=int, default=DEMO['k'], help='trainable encoder blocks'),
+            arg('--head', default=DEMO['head'], choices=['mlp', 'gcn'], help='landmark head'))
+def cmd_demo(root, epochs, videos, encoder, k, head):
+    "Run the quick demo end to end."
+    from echobook.data import ensure_phantom, inspect_dataset, prepare_cache
+    root = Path(root).resolve(); t0 = time.time()
+    data = ensure_phantom(root/'data'/f'phantom-{videos}', n_videos=videos)
+    print(format_report(inspect_dataset(data)), '\n')
+    cache = prepare_cache(data, data.with_name(data.name + '-cache'))
+    params = dict(data_dir=str(data), cache_dir=str(cache), encoder=encoder, head=head, k=k, augment=True, epochs=epochs,
+                  profile='tiny', run_dir=str(root/'demo'/f'{encoder}-{head}-k{k}-e{epochs}'))
+    out = Path(params['run_dir'])
+    if not (out/'metrics.json').exists(): run_experiment(repo_root()/'nbs'/'experiments'/'landmarks.ipynb', out, params)
+    metrics = json.loads((out/'metrics.json').read_text())
+    print(f'\n{encoder} + {head}, k={k}, {epochs} epochs on {metrics["n_train"]} phantom videos; test n={metrics["n_test"]}:')
+    print(demo_table(metrics).to_string())
+    print(f'\nrun folder: {out}   (total {time.time() - t0:.0f} s)')
