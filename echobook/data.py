@@ -41,9 +41,10 @@ def ensure_phantom(path, n_videos=160, seed=0, domain='echonet', progress=True) 
 # %% ../nbs/00_data.ipynb #cf7ad76d
 class EchobookDataError(ValueError):
     "A problem with a dataset file; the message names the file and the problem."
-    def __init__(self, path, problem):
+    def __init__(self, path, problem=''):
         self.path, self.problem = str(path), problem
         super().__init__(f'{path}: {problem}')
+    def __reduce__(self): return (type(self), (self.path, self.problem))   # survives DataLoader worker processes
 
 # %% ../nbs/00_data.ipynb #aae1778b
 FILELIST_COLUMNS = ['FileName', 'EF', 'ESV', 'EDV', 'FrameHeight', 'FrameWidth', 'FPS', 'NumberOfFrames', 'Split']
@@ -237,6 +238,7 @@ class DatasetScan:
 def _filelist_problems(fl: pd.DataFrame) -> pd.Series:
     "Per-row problems in the file list itself: duplicates and unknown splits (empty string = fine)."
     why = pd.Series('', index=fl.index)
+    for c in ['FrameHeight', 'FrameWidth', 'NumberOfFrames']: why[fl[c].isna()] = f'FileList {c} is missing or not a number'
     why[~fl.Split.isin(SPLITS)] = 'unknown split ' + fl.Split.astype(str)
     why[fl.FileName.duplicated(keep='first')] = 'duplicated FileList row'
     return why
@@ -372,11 +374,17 @@ def _save_npy(path, arr):
     buf = io.BytesIO(); np.save(buf, arr, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
 
+def _valid_clip(path, n_frames) -> bool:
+    "Whether `path` holds a readable (n_frames, H, W, 3) uint8 clip (header check, no full read)."
+    try: a = np.load(path, mmap_mode='r', allow_pickle=False)
+    except (OSError, ValueError, EOFError): return False
+    return a.dtype == np.uint8 and a.ndim == 4 and a.shape[0] == n_frames and a.shape[3] == 3
+
 def _prepare_one(args) -> tuple[str, str|None]:
     "Decode one record's clip into the cache (skipped if present); returns (FileName, error or None)."
     rec, cache_dir, n_frames = args
     out = _clip_path(cache_dir, rec.FileName)
-    if out.exists(): return rec.FileName, None
+    if _valid_clip(out, n_frames): return rec.FileName, None
     try: _save_npy(out, read_video(rec.path)[clip_indices(rec.ed_frame, rec.es_frame, n_frames)])
     except (EchobookDataError, ValueError, cv2.error) as e: return rec.FileName, str(e)
     return rec.FileName, None
@@ -425,8 +433,10 @@ def read_cache_index(cache_dir) -> tuple[pd.DataFrame, np.ndarray]:
     "The cache's index table and its (N, 2, 40, 2) keypoints (112-px coords), row-aligned."
     cache_dir = Path(cache_dir)
     if not (cache_dir/'index.csv').exists(): raise EchobookDataError(cache_dir, 'not a prepared cache (no index.csv); run `echobook prepare DATA_DIR CACHE_DIR`')
-    index = pd.read_csv(cache_dir/'index.csv')
-    kpts = np.load(cache_dir/'keypoints.npy')
+    try: index = pd.read_csv(cache_dir/'index.csv')
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e: raise EchobookDataError(cache_dir/'index.csv', f'unreadable ({e}); rerun prepare') from None
+    try: kpts = np.load(cache_dir/'keypoints.npy', allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e: raise EchobookDataError(cache_dir/'keypoints.npy', f'unreadable ({e}); rerun prepare') from None
     if len(kpts) != len(index): raise EchobookDataError(cache_dir/'keypoints.npy', f'{len(kpts)} rows but index.csv has {len(index)}')
     return index, kpts
 

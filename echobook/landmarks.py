@@ -122,9 +122,13 @@ class Checkpoints(Callback):
     def __init__(self, folder, log_name='log.csv', epoch_offset=0):
         self.folder, self.log_name, self.epoch_offset = Path(folder), log_name, epoch_offset
         self.best = math.inf
+    def before_epoch(self): self.losses = []
+    def after_batch(self):
+        if self.training: self.losses.append(float(self.learn.loss.detach()))
     def after_epoch(self):
         epoch = self.epoch + self.epoch_offset
-        train_loss, valid_loss = (self.recorder.values[-1] + [math.nan, math.nan])[:2]
+        valid_loss = (self.recorder.values[-1] + [math.nan, math.nan])[1]
+        train_loss = float(np.mean(self.losses)) if self.losses else math.nan   # plain epoch mean: the same after a resume
         if valid_loss < self.best:
             self.best = valid_loss
             _torch_save_atomic(self.learn.model.state_dict(), self.folder/'best.pth')
@@ -134,10 +138,12 @@ class Checkpoints(Callback):
                                 best=self.best, schedule=sched.state() if sched else None,
                                 lr=self.learn.opt.hypers[0]['lr']), self.folder/'last.pth')
     def _append_log(self, epoch, train_loss, valid_loss):
+        "Add this epoch's row, replacing rows of this or later epochs left by an attempt that died before its checkpoint."
         path = self.folder/self.log_name
-        old = path.read_text() if path.exists() else 'epoch,train_loss,valid_loss,lr,time\n'
-        row = f"{epoch},{train_loss:.6f},{valid_loss:.6f},{self.learn.opt.hypers[0]['lr']:.3g},{time.strftime('%H:%M:%S')}\n"
-        atomic_write_text(path, old + row)
+        old = path.read_text().splitlines() if path.exists() else ['epoch,train_loss,valid_loss,lr,time']
+        keep = [old[0]] + [r for r in old[1:] if int(r.split(',')[0]) < epoch]
+        row = f"{epoch},{train_loss:.6f},{valid_loss:.6f},{self.learn.opt.hypers[0]['lr']:.3g},{time.strftime('%H:%M:%S')}"
+        atomic_write_text(path, '\n'.join(keep + [row]) + '\n')
 
 # %% ../nbs/03a_landmarks.ipynb #864b0822
 def landmark_loss(pred, target): return nn.functional.mse_loss(pred, target)
