@@ -13,7 +13,7 @@ demo: env
 	$(BIN)/echobook demo
 
 test: env
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=15
 
 test-fast: env
 	$(BIN)/python -m pytest tests -q -m "not notebook"
