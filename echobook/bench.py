@@ -179,7 +179,7 @@ def _stages_once(sets, batch_size) -> pd.DataFrame:
 
 # %% ../nbs/13_bench.ipynb #30af55db
 SIZES = {name: (PROFILES[name]['frames'], PROFILES[name]['size']) for name in ('tiny', 'paper')}
-SIZES['tiny'] = (16, 64)   # the tiny profile's input: 16 frames of 64×64
+SIZES['tiny'] = (16, 64)   # the small benchmark size, 16×64² (the `tiny` training profile itself uses 16×32² clips)
 
 def default_ks(encoder) -> list[int]:
     "The freezing depths benchmarked by default: frozen, half and all blocks trainable (those the encoder allows)."

@@ -25,14 +25,17 @@ from .evaluation import landmark_metrics, mean_shape_metrics, summarize
 from .runs import atomic_write_bytes, atomic_write_text
 
 # %% auto #0
-__all__ = ['PROFILES', 'ID_KEYS', 'profile_config', 'config_id', 'LandmarkModel', 'build_landmark_model', 'landmark_datasets',
-           'landmark_dataloaders', 'EpochSeed', 'PlateauSchedule', 'Checkpoints', 'landmark_loss', 'landmark_learner',
-           'train_landmarks', 'predict_keypoints', 'targets_112', 'evaluate_landmarks']
+__all__ = ['PROFILES', 'ID_KEYS', 'profile_config', 'config_id', 'LandmarkModel', 'build_landmark_model', 'set_regularization',
+           'drop_probabilities', 'landmark_datasets', 'landmark_dataloaders', 'EpochSeed', 'PlateauSchedule',
+           'LinearWarmup', 'Checkpoints', 'landmark_loss', 'landmark_learner', 'train_landmarks', 'predict_keypoints',
+           'targets_112', 'evaluate_landmarks']
 
 # %% ../nbs/03a_landmarks.ipynb #011fc3d8
 PROFILES = {
-    'paper': dict(size=224, frames=16, batch_size=20, epochs=100, lr=5e-4, patience=5, factor=0.5, workers=8),
-    'tiny': dict(size=64, frames=16, batch_size=8, epochs=12, lr=5e-4, patience=3, factor=0.5, workers=0),
+    'paper': dict(size=224, frames=16, batch_size=20, epochs=100, lr=5e-4, warmup_epochs=0, patience=5, factor=0.5,
+                  workers=8, regularization=True),
+    'tiny': dict(size=32, frames=16, batch_size=8, epochs=12, lr=1e-4, warmup_epochs=2, patience=3, factor=0.5,
+                 workers=0, regularization=False),
 }
 
 def profile_config(profile, **overrides) -> dict:
@@ -63,6 +66,24 @@ def build_landmark_model(encoder='mvit_v2_s.echoprime', head='gcn', k=16, pretra
     hd = create_head(head, enc.spec.feature_dim, n_frames=2)
     if mean_shape is not None: hd.init_mean_shape(torch.as_tensor(mean_shape, dtype=torch.float32))
     return LandmarkModel(enc, hd)
+
+# %% ../nbs/03a_landmarks.ipynb #d081d365
+def _drop_attr(module):
+    "Name of the attribute holding `module`'s drop probability, or None."
+    if isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ == 'StochasticDepth': return 'p'
+    if type(module).__name__ == 'DropPath': return 'drop_prob'
+    return None
+
+def set_regularization(model: nn.Module, on: bool = True) -> nn.Module:
+    "Keep (`on`) or zero every dropout / stochastic-depth probability in `model`; returns the model."
+    if on: return model
+    for m in model.modules():
+        if (attr := _drop_attr(m)) is not None: setattr(m, attr, 0.0)
+    return model
+
+def drop_probabilities(model: nn.Module) -> dict:
+    "Module path → drop probability for every dropout / stochastic-depth module of `model`."
+    return {n: float(getattr(m, a)) for n, m in model.named_modules() if (a := _drop_attr(m)) is not None}
 
 # %% ../nbs/03a_landmarks.ipynb #6a4dcc31
 def landmark_datasets(cache_dir, fraction=1.0, seed=0, size=224, augment=False):
@@ -111,6 +132,17 @@ class PlateauSchedule(Callback):
     def state(self): return dict(best=self.best, wait=self.wait)
     def load_state(self, s): self.best, self.wait = s['best'], s['wait']
 
+# %% ../nbs/03a_landmarks.ipynb #02387d96
+class LinearWarmup(Callback):
+    "Linear learning-rate warm-up over the first `epochs` epochs, per batch."
+    order = 55
+    def __init__(self, lr, epochs=0, epoch_offset=0): self.lr, self.warm_epochs, self.epoch_offset = lr, epochs, epoch_offset
+    def before_batch(self):
+        if not self.training or not self.warm_epochs: return
+        n, step = self.warm_epochs * self.n_iter, (self.epoch + self.epoch_offset) * self.n_iter + self.iter
+        if step <= n:
+            for g in self.opt.hypers: g['lr'] = self.lr * min(1.0, (step + 1) / n)
+
 # %% ../nbs/03a_landmarks.ipynb #5276e885
 def _torch_save_atomic(obj, path):
     "torch.save to `path` atomically."
@@ -148,10 +180,12 @@ class Checkpoints(Callback):
 # %% ../nbs/03a_landmarks.ipynb #864b0822
 def landmark_loss(pred, target): return nn.functional.mse_loss(pred, target)
 
-def landmark_learner(dls, model, lr=5e-4, factor=0.5, patience=5, folder='.', seed=0, epoch_offset=0) -> Learner:
-    "A fastai Learner with Adam, MSE on normalised keypoints, the plateau schedule and checkpoints."
+def landmark_learner(dls, model, lr=5e-4, factor=0.5, patience=5, folder='.', seed=0, epoch_offset=0,
+                     warmup_epochs=0) -> Learner:
+    "A fastai Learner with Adam, MSE on normalised keypoints, warm-up, the plateau schedule and checkpoints."
     from fastai.optimizer import Adam
-    cbs = [EpochSeed(seed, epoch_offset), PlateauSchedule(factor, patience), Checkpoints(folder, epoch_offset=epoch_offset)]
+    cbs = [EpochSeed(seed, epoch_offset), LinearWarmup(lr, warmup_epochs, epoch_offset), PlateauSchedule(factor, patience),
+           Checkpoints(folder, epoch_offset=epoch_offset)]
     learn = Learner(dls, model, loss_func=landmark_loss, opt_func=Adam, lr=lr, cbs=cbs, path=folder, model_dir='.')
     if dls.device is not None and torch.device(dls.device).type == 'cuda': learn.to_bf16()
     return learn
@@ -163,14 +197,14 @@ def _resume_state(folder):
     return torch.load(p, map_location='cpu', weights_only=False) if p.exists() else None
 
 def train_landmarks(model, train, valid, folder, epochs, batch_size=20, lr=5e-4, factor=0.5, patience=5, seed=0,
-                    workers=0, device=None, progress=True) -> Learner:
+                    workers=0, device=None, progress=True, warmup_epochs=0) -> Learner:
     "Fit `model` for `epochs` (resuming from `folder/last.pth` if present); leaves `best.pth` and `log.csv` in `folder`."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     state = _resume_state(folder)
     done = state['epoch'] + 1 if state else 0
     dls = landmark_dataloaders(train, valid, batch_size, workers, device, seed)
-    learn = landmark_learner(dls, model, lr, factor, patience, folder, seed, epoch_offset=done)
+    learn = landmark_learner(dls, model, lr, factor, patience, folder, seed, epoch_offset=done, warmup_epochs=warmup_epochs)
     if state: _restore(learn, state)
     if not progress: learn.remove_cbs([c for c in learn.cbs if type(c).__name__ == 'ProgressCallback'])
     if done < epochs:

@@ -198,7 +198,7 @@ def _assemble(cfg, rows, keys, specs, cit, res) -> Table:
     n_done = int((res.state == 'done').sum()) if len(res) else 0
     caption = (f"{cfg.get('title', cfg['name'])}. Ours: {n_done}/{len(res)} configurations done"
                + (f" (profile {', '.join(profiles)})" if profiles else '')
-               + ('; the tiny profile checks the pipeline (random init, phantom data), its numbers are not comparable to the paper' if 'tiny' in profiles else '')
+               + ('; the tiny profile runs CPU-sized models on phantom data, its numbers are not comparable to the paper' if 'tiny' in profiles else '')
                + (f". Paper: {cit['source']} of {cit.get('paper', 'the paper')}, quoted from {Path(cit['file']).name}" if cit else '')
                + ('. Dice in %, MKE in px' if {'dice_ed', 'mke_ed'} & set(metrics) else '')
                + ' (mean ± std over test videos); best in bold, second underlined, per column and group.')
@@ -394,8 +394,16 @@ def print_table(table, runs=None, fmt='md') -> int:
         build_figure(cfg['path'], runs)
         p = runs_root(runs)/cfg['name']/f"{cfg['name']}.png"
         out.append(f'figure: {p}' if p.exists() else f"no runs yet under {runs_root(runs)/cfg['name']}")
+    if cfg.get('probing'): out += _probing_outputs(runs)
     print('\n'.join(out))
     return 0
+
+def _probing_outputs(runs) -> list[str]:
+    "Paper 002's table and figures, rebuilt together from every probing run (`echobook probing-report`)."
+    from echobook.probing import probing_report
+    written = probing_report(runs=runs)
+    if not written: return [f'no finished probing runs under {runs_root(runs)}; run e.g. `echobook reproduce probing_fig1` first']
+    return [f'{k}: {v}' for k, v in written.items()]
 
 # %% ../nbs/11_tables.ipynb #83a1ab3c
 try: from echobook.cli import subcommand, arg
