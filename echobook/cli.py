@@ -125,7 +125,7 @@ def cmd_prepare(data_dir, cache_dir, policy, frames, workers):
     print(f'{len(index)} clips in {out} ({n_ex} videos excluded, see {out/"excluded.csv"}) in {time.time() - t0:.1f} s')
 
 # %% ../nbs/09_cli.ipynb #25a37476
-DEMO = dict(encoder='resnet18_2d.in1k', head='gcn', k=8, augment=True, epochs=8, phantom_videos=160)
+DEMO = dict(encoder='mvit_v2_s.echoprime', head='gcn', k=16, augment=True, epochs=12, phantom_videos=160)
 
 def repo_root() -> Path: return Path(__file__).resolve().parents[1]
 
