@@ -25,8 +25,8 @@ from .evaluation import landmark_metrics, mean_shape_metrics, summarize
 from .runs import atomic_write_bytes, atomic_write_text
 
 # %% auto #0
-__all__ = ['PROFILES', 'ID_KEYS', 'profile_config', 'config_id', 'LandmarkModel', 'build_landmark_model', 'set_regularization',
-           'drop_probabilities', 'landmark_datasets', 'landmark_dataloaders', 'EpochSeed', 'PlateauSchedule',
+__all__ = ['PROFILES', 'ID_KEYS', 'profile_config', 'config_id', 'remove_regularization', 'drop_probabilities', 'LandmarkModel',
+           'build_landmark_model', 'landmark_datasets', 'landmark_dataloaders', 'EpochSeed', 'PlateauSchedule',
            'LinearWarmup', 'Checkpoints', 'landmark_loss', 'landmark_learner', 'train_landmarks', 'predict_keypoints',
            'targets_112', 'evaluate_landmarks']
 
@@ -51,6 +51,23 @@ def config_id(config: dict, keys=ID_KEYS) -> str:
     fmt = dict(k=lambda v: f'k{v}', augment=lambda v: 'aug' if v else 'noaug', fraction=lambda v: f'f{v:g}', seed=lambda v: f's{v}')
     return '-'.join(fmt.get(key, str)(config[key]) for key in keys if key in config)
 
+# %% ../nbs/03a_landmarks.ipynb #99e9dc25
+def _drop_attr(module):
+    "Name of the attribute holding `module`'s drop probability, or None."
+    if isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ == 'StochasticDepth': return 'p'
+    if type(module).__name__ == 'DropPath': return 'drop_prob'
+    return None
+
+def remove_regularization(model: nn.Module) -> nn.Module:
+    "Set every dropout / stochastic-depth probability in `model` to 0, in place; returns the model."
+    for m in model.modules():
+        if (attr := _drop_attr(m)) is not None: setattr(m, attr, 0.0)
+    return model
+
+def drop_probabilities(model: nn.Module) -> dict:
+    "Module path → drop probability for every dropout / stochastic-depth module of `model`."
+    return {n: float(getattr(m, a)) for n, m in model.named_modules() if (a := _drop_attr(m)) is not None}
+
 # %% ../nbs/03a_landmarks.ipynb #df5e90bb
 class LandmarkModel(nn.Module):
     "Encoder + landmark head: uint8 clip (B, 3, T, S, S) → normalised keypoints (B, 2, 40, 2)."
@@ -60,30 +77,13 @@ class LandmarkModel(nn.Module):
     def forward(self, x): return self.head(self.encoder(x.float()))
 
 def build_landmark_model(encoder='mvit_v2_s.echoprime', head='gcn', k=16, pretrained=False, size=224, frames=16,
-                         weights_dir=None, mean_shape=None) -> LandmarkModel:
-    "Create encoder (k last blocks trainable) and head; start the head at `mean_shape` (normalised (2, 40, 2)) if given."
+                         weights_dir=None, mean_shape=None, regularization=True) -> LandmarkModel:
+    "Encoder (k last blocks trainable) + head, started at `mean_shape` (normalised (2, 40, 2)) if given; dropout and stochastic depth only if `regularization`."
     enc = freeze_encoder(create_encoder(encoder, pretrained=pretrained, weights_dir=weights_dir, size=size, frames=frames), k)
     hd = create_head(head, enc.spec.feature_dim, n_frames=2)
     if mean_shape is not None: hd.init_mean_shape(torch.as_tensor(mean_shape, dtype=torch.float32))
-    return LandmarkModel(enc, hd)
-
-# %% ../nbs/03a_landmarks.ipynb #d081d365
-def _drop_attr(module):
-    "Name of the attribute holding `module`'s drop probability, or None."
-    if isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ == 'StochasticDepth': return 'p'
-    if type(module).__name__ == 'DropPath': return 'drop_prob'
-    return None
-
-def set_regularization(model: nn.Module, on: bool = True) -> nn.Module:
-    "Keep (`on`) or zero every dropout / stochastic-depth probability in `model`; returns the model."
-    if on: return model
-    for m in model.modules():
-        if (attr := _drop_attr(m)) is not None: setattr(m, attr, 0.0)
-    return model
-
-def drop_probabilities(model: nn.Module) -> dict:
-    "Module path → drop probability for every dropout / stochastic-depth module of `model`."
-    return {n: float(getattr(m, a)) for n, m in model.named_modules() if (a := _drop_attr(m)) is not None}
+    model = LandmarkModel(enc, hd)
+    return model if regularization else remove_regularization(model)
 
 # %% ../nbs/03a_landmarks.ipynb #6a4dcc31
 def landmark_datasets(cache_dir, fraction=1.0, seed=0, size=224, augment=False):

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from echobook.data import prepare_cache
-from echobook.landmarks import (build_landmark_model, evaluate_landmarks, landmark_datasets, profile_config,
-                                set_regularization, train_landmarks)
+from echobook.landmarks import build_landmark_model, evaluate_landmarks, landmark_datasets, profile_config, train_landmarks
 from echobook.phantom import make_phantom
 
 
@@ -23,8 +22,7 @@ def _fit_tiny(cache, folder, epochs, **overrides):
     train, valid, test = landmark_datasets(cache, size=cfg['size'])
     torch.manual_seed(0)
     model = build_landmark_model('mvit_v2_s.echoprime', 'gcn', k=16, size=cfg['size'], frames=cfg['frames'],
-                                 mean_shape=(train.kpts.mean(0) + 0.5) / 112)
-    set_regularization(model, cfg['regularization'])
+                                 mean_shape=(train.kpts.mean(0) + 0.5) / 112, regularization=cfg['regularization'])
     train_landmarks(model, train, valid, folder, epochs=epochs, batch_size=cfg['batch_size'], lr=cfg['lr'],
                     warmup_epochs=cfg['warmup_epochs'], factor=cfg['factor'], patience=cfg['patience'], progress=False,
                     device='cpu')
