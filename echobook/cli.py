@@ -27,8 +27,8 @@ def subcommand(name, help, *args):
 def arg(*flags, **kw): return (flags, kw)
 
 # %% ../nbs/09_cli.ipynb #299ab059
-SUBCOMMAND_MODULES = ('echobook.sweeps', 'echobook.tables', 'echobook.docs', 'echobook.bench', 'echobook.dfkd',
-                      'echobook.probing', 'echobook.ef')
+SUBCOMMAND_MODULES = ('echobook.sweeps', 'echobook.tables', 'echobook.docs', 'echobook.bench', 'echobook.tasks.dfkd',
+                      'echobook.tasks.probing', 'echobook.tasks.ef')
 
 def _load_subcommands():
     "Import the modules that register further subcommands (those not written yet are skipped)."
@@ -56,7 +56,7 @@ def main(argv=None):
     try: return fn(**{k: v for k, v in vars(args).items() if k not in ('_fn', 'command')}) or 0
     except KeyboardInterrupt: print('interrupted', file=sys.stderr); return 130
     except Exception as e:
-        from echobook.data import EchobookDataError
+        from echobook.data.echonet import EchobookDataError
         if not isinstance(e, (EchobookDataError, FileNotFoundError, ValueError)): raise
         print(f'echobook {args.command}: error: {e}', file=sys.stderr); return 2
 
@@ -69,7 +69,7 @@ def main(argv=None):
             arg('--workers', type=int, default=None, help='processes (default: all cores)'))
 def cmd_phantom(out, videos, seed, domain, workers):
     "Write a phantom dataset."
-    from echobook.phantom import make_phantom, PHANTOM_DOMAINS
+    from echobook.data.phantom import make_phantom, PHANTOM_DOMAINS
     if domain not in PHANTOM_DOMAINS: raise ValueError(f'unknown domain {domain!r}; choose from {sorted(PHANTOM_DOMAINS)}')
     t0 = time.time()
     path = make_phantom(out, n_videos=videos, seed=seed, domain=domain, workers=workers)
@@ -105,7 +105,7 @@ def format_report(report: dict, max_excluded=20) -> str:
 def cmd_inspect(data_dir, json, policy, no_video_check):
     "Print the data-quality report."
     import json as js
-    from echobook.data import inspect_dataset
+    from echobook.data.echonet import inspect_dataset
     report = inspect_dataset(data_dir, policy=policy, check_videos=not no_video_check, progress=sys.stderr.isatty())
     print(js.dumps(report, indent=1, default=float) if json else format_report(report))
 
@@ -117,7 +117,7 @@ def cmd_inspect(data_dir, json, policy, no_video_check):
             arg('--workers', type=int, default=0, help='decoding processes (0 = this process)'))
 def cmd_prepare(data_dir, cache_dir, policy, frames, workers):
     "Prepare the clip cache and print what was done."
-    from echobook.data import prepare_cache, read_cache_index
+    from echobook.data.echonet import prepare_cache, read_cache_index
     t0 = time.time()
     out = prepare_cache(data_dir, cache_dir, policy=policy, n_frames=frames, workers=workers)
     index, _ = read_cache_index(out)
@@ -152,12 +152,12 @@ def demo_table(metrics: dict) -> pd.DataFrame:
             arg('--root', default='runs', help='folder for the phantom data, cache and run'),
             arg('--epochs', type=int, default=DEMO['epochs'], help='training epochs'),
             arg('--videos', type=int, default=DEMO['phantom_videos'], help='phantom videos'),
-            arg('--encoder', default=DEMO['encoder'], help='encoder (see echobook.encoders.list_encoders())'),
+            arg('--encoder', default=DEMO['encoder'], help='encoder (see echobook.models.encoders.list_encoders())'),
             arg('--k', type=int, default=DEMO['k'], help='trainable encoder blocks'),
             arg('--head', default=DEMO['head'], choices=['mlp', 'gcn'], help='landmark head'))
 def cmd_demo(root, epochs, videos, encoder, k, head):
     "Run the quick demo end to end."
-    from echobook.data import ensure_phantom, inspect_dataset, prepare_cache
+    from echobook.data.echonet import ensure_phantom, inspect_dataset, prepare_cache
     root = Path(root).resolve(); t0 = time.time()
     data = ensure_phantom(root/'data'/f'phantom-{videos}', n_videos=videos)
     print(format_report(inspect_dataset(data)), '\n')

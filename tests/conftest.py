@@ -13,5 +13,5 @@ def pytest_configure(config):
 @pytest.fixture(scope='session')
 def phantom_dir(tmp_path_factory):
     "A 24-video phantom dataset in EchoNet-Dynamic layout (built once per test session)."
-    from echobook.phantom import make_phantom
+    from echobook.data.phantom import make_phantom
     return make_phantom(tmp_path_factory.mktemp('phantom'), n_videos=24, seed=0, progress=False)

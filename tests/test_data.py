@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from echobook.data import (EchobookDataError, read_filelist, read_tracings, scan_dataset, inspect_dataset,
+from echobook.data.echonet import (EchobookDataError, read_filelist, read_tracings, scan_dataset, inspect_dataset,
                            prepare_cache, read_cache_index, LandmarkClips, tracing_to_keypoints, keypoints_to_mask)
 from echobook.evaluation import keypoints_to_mask as eval_mask
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from echobook import dfkd
-from echobook.dfkd import afd_frame, contiguous_blocks, ConvLSTMUNet, build_student
+from echobook.tasks import dfkd
+from echobook.tasks.dfkd import afd_frame, contiguous_blocks, ConvLSTMUNet, build_student
 
 torch.set_num_threads(1)
 NB = Path(__file__).parents[1]/'nbs'/'experiments'/'dfkd.ipynb'
@@ -67,7 +67,7 @@ def test_afd_rejects_bad_input():
     with pytest.raises(ValueError, match='phase'): afd_frame([1., 2.], 0, 'EF')
 
 def test_afd_table_counts_every_video(phantom_dir):
-    from echobook.data import scan_dataset
+    from echobook.data.echonet import scan_dataset
     recs = scan_dataset(phantom_dir).split('TEST')
     truth = dfkd.truth_areas(phantom_dir)
     t = dfkd.afd_table(truth, recs)

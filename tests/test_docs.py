@@ -5,7 +5,7 @@ import pytest
 
 from echobook.docs import build_preview, sidebar_sections
 from echobook.viewer import load_predictions, area_curve, view_figure
-from echobook.data import scan_dataset, read_video
+from echobook.data.echonet import scan_dataset, read_video
 from echobook.cli import main
 
 NBS = Path(__file__).parents[1]/'nbs'

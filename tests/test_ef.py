@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from echobook.data import EchobookDataError, scan_dataset, read_frames
-from echobook.ef import (scan_camus, read_camus_info, read_camus_sequence, read_mhd, camus_clip, camus_clips, square_pad,
+from echobook.data.echonet import EchobookDataError, scan_dataset, read_frames
+from echobook.tasks.ef import (scan_camus, read_camus_info, read_camus_sequence, read_mhd, camus_clip, camus_clips, square_pad,
                          write_camus_like, find_ed_es, beats, phantom_areas, ef_metrics)
 
 NBS = Path(__file__).parents[1]/'nbs'/'experiments'

@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 import torch
 
-from echobook.data import prepare_cache
-from echobook.landmarks import build_landmark_model, evaluate_landmarks, landmark_datasets, profile_config, train_landmarks
-from echobook.phantom import make_phantom
+from echobook.data.echonet import prepare_cache
+from echobook.tasks.landmarks import build_landmark_model, evaluate_landmarks, landmark_datasets, profile_config, train_landmarks
+from echobook.data.phantom import make_phantom
 
 
 @pytest.fixture(scope='module')

@@ -12,7 +12,7 @@ TINY = dict(encoder='resnet18_2d.in1k', size=32, profile='tiny')  # the smallest
 @pytest.fixture(scope='module')
 def views_dir(tmp_path_factory):
     "A small phantom view data set (10 classes; train, T1, T2), shared by the tests of this module."
-    from echobook.views import make_view_phantom
+    from echobook.data.views import make_view_phantom
     return make_view_phantom(tmp_path_factory.mktemp('views')/'views', dict(train=60, T1=30, T2=20), size=64, frames=(8, 10),
                              progress=False)
 
@@ -55,7 +55,7 @@ def test_finetune_one_size(tmp_path, views_dir, monkeypatch):
 def test_reproduce_probing_and_finetuning(tmp_path, views_dir, monkeypatch):
     "`echobook reproduce` runs probing and fine-tuning configurations (one encoder each here) and the report is built."
     from echobook.sweeps import run_sweep
-    from echobook.probing import probing_report, collect_curves
+    from echobook.tasks.probing import probing_report, collect_curves
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     runs = tmp_path/'runs'
     common = dict(size=32, seeds=2, n_aug=0, cache_dir=str(tmp_path/'cache'))

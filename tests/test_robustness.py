@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from echobook.data import (EchobookDataError, LandmarkClips, inspect_dataset, load_clip, prepare_cache, read_cache_index,
+from echobook.data.echonet import (EchobookDataError, LandmarkClips, inspect_dataset, load_clip, prepare_cache, read_cache_index,
                            read_filelist, read_tracings, read_video, scan_dataset, video_header, write_broken_copy)
 import echobook.runs as runs_mod
 from echobook.runs import RunDir, atomic_write_text, fail_run, finish_run, start_run
@@ -200,7 +200,7 @@ TRAIN = dict(encoder='resnet18_2d.in1k', head='mlp', k=8, size=32, frames=4, epo
 
 def train_and_evaluate(cache, folder, seed=0, epochs=TRAIN['epochs'], threads=1) -> dict:
     "Train the small configuration in `folder` (resuming from folder/last.pth if there), evaluate; JSON-friendly result."
-    from echobook.landmarks import build_landmark_model, evaluate_landmarks, landmark_datasets, train_landmarks
+    from echobook.tasks.landmarks import build_landmark_model, evaluate_landmarks, landmark_datasets, train_landmarks
     old = torch.get_num_threads(); torch.set_num_threads(threads)   # one thread: fast and reproducible on a busy machine
     try:
         train, valid, test = landmark_datasets(cache, seed=seed, size=TRAIN['size'], augment=TRAIN['augment'])
@@ -288,7 +288,7 @@ class _CrashAt:
 @pytest.fixture(scope='module')
 def crashed_between_log_and_checkpoint(train_cache, tmp_path_factory):
     "A run that died after epoch 1's log row but before epoch 1's last.pth, then resumed."
-    import echobook.landmarks as lm
+    import echobook.tasks.landmarks as lm
     folder = tmp_path_factory.mktemp('crash')/'run'
     mp = pytest.MonkeyPatch()
     mp.setattr(lm, '_torch_save_atomic', _CrashAt(lm._torch_save_atomic, 'last.pth', 1))

@@ -1,0 +1,1 @@
+"""echobook.models (exported from nbs/; see the notebooks)."""

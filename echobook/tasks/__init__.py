@@ -1,0 +1,1 @@
+"""echobook.tasks (exported from nbs/; see the notebooks)."""
