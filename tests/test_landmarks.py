@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from echobook.config import load_profile
-from echobook.data.echonet import prepare_cache
+from echobook.data.clips import prepare_cache
 from echobook.data.phantom import make_phantom
 from echobook.tasks.landmarks import build_landmark_model, evaluate_landmarks, landmark_datasets, mean_shape_normalised, train_landmarks
 

@@ -1,6 +1,6 @@
 """Robustness: a corpus of broken inputs (each must give a clear message naming the file, or an exclusion with a reason,
-never a crash halfway through an epoch) and faults (a killed training resumes to the same result, a full disk never
-leaves a half-written run marked done, the same seed gives the same metrics)."""
+never a crash halfway through an epoch) and faults (a full disk never leaves a half-written run marked done). Faults
+during training (kill, crash, resume, determinism) are in test_training.py."""
 import errno, json, os, shutil, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 
@@ -10,10 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from echobook.data.echonet import (EchobookDataError, LandmarkClips, inspect_dataset, load_clip, prepare_cache, read_cache_index,
-                           read_filelist, read_tracings, read_video, scan_dataset, video_header, write_broken_copy)
-import echobook.runs as runs_mod
-from echobook.runs import RunDir, atomic_write_text, fail_run, finish_run, start_run
+from echobook.data.echonet import (EchobookDataError, inspect_dataset, read_filelist, read_tracings, read_video, scan_dataset,
+                                   video_header, write_broken_copy)
+from echobook.data.clips import LandmarkClips, load_clip, prepare_cache, read_cache_index
+import echobook.core as core_mod
+from echobook.core import atomic_write_text
+from echobook.runs import RunDir, fail_run, finish_run, start_run
 
 TESTS = Path(__file__).parent
 
@@ -96,7 +98,7 @@ def test_nan_ef_is_kept_and_reported_as_null(corpus):
     report = inspect_dataset(data, check_videos=False)
     rec = next(r for r in report['records'] if r['FileName'] == name)
     assert np.isnan(rec['ef_filelist']) and np.isfinite(rec['ef_tracings'])
-    from echobook.runs import atomic_write_json
+    from echobook.core import atomic_write_json
     atomic_write_json(cache.parent/'report.json', report)
     assert json.loads((cache.parent/'report.json').read_text())  # strict JSON: NaN → null
 
@@ -192,123 +194,6 @@ def test_data_error_survives_pickling():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Faults during training: resume after a kill, determinism
-# ---------------------------------------------------------------------------------------------------------------------
-
-TRAIN = dict(encoder='resnet18_2d.in1k', head='mlp', k=8, size=32, frames=4, epochs=2, batch_size=4, augment=True)
-
-
-def train_and_evaluate(cache, folder, seed=0, epochs=TRAIN['epochs'], threads=1) -> dict:
-    "Train the small configuration in `folder` (resuming from folder/last.pth if there), evaluate; JSON-friendly result."
-    from echobook.tasks.landmarks import build_landmark_model, evaluate_landmarks, landmark_datasets, train_landmarks
-    old = torch.get_num_threads(); torch.set_num_threads(threads)   # one thread: fast and reproducible on a busy machine
-    try:
-        train, valid, test = landmark_datasets(cache, seed=seed, size=TRAIN['size'], augment=TRAIN['augment'])
-        torch.manual_seed(seed)
-        model = build_landmark_model(TRAIN['encoder'], TRAIN['head'], k=TRAIN['k'], size=TRAIN['size'], frames=TRAIN['frames'],
-                                     mean_shape=(train.kpts.mean(0) + 0.5) / 112)
-        train_landmarks(model, train, valid, folder, epochs=epochs, batch_size=TRAIN['batch_size'], seed=seed,
-                        progress=False, device='cpu')
-        _, table, pred = evaluate_landmarks(model, test, train, batch_size=TRAIN['batch_size'], device='cpu')
-    finally: torch.set_num_threads(old)
-    log = pd.read_csv(Path(folder)/'log.csv')
-    return dict(metrics={f'{a}/{b}': float(v) for (a, b), v in table['mean'].items()}, pred=pred.tolist(),
-                valid_loss=dict(zip(log.epoch.astype(int), log.valid_loss)), epochs=log.epoch.astype(int).tolist())
-
-
-def _same_weights(a, b) -> bool:
-    sa, sb = (torch.load(Path(f)/'last.pth', map_location='cpu', weights_only=False)['model'] for f in (a, b))
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-@pytest.fixture(scope='module')
-def train_cache(phantom_dir, tmp_path_factory):
-    "A 4-frame cache of the session phantom (fast to train on)."
-    return prepare_cache(phantom_dir, tmp_path_factory.mktemp('train')/'cache', n_frames=4, progress=False)
-
-
-@pytest.fixture(scope='module')
-def reference(train_cache, tmp_path_factory):
-    "An uninterrupted run: (folder, result)."
-    folder = tmp_path_factory.mktemp('reference')/'run'
-    return folder, train_and_evaluate(train_cache, folder)
-
-
-def test_determinism_same_seed_same_metrics(train_cache, reference, tmp_path):
-    folder, ref = reference
-    again = train_and_evaluate(train_cache, tmp_path/'again')
-    assert again['metrics'] == ref['metrics'] and again['pred'] == ref['pred'] and again['valid_loss'] == ref['valid_loss']
-    assert _same_weights(folder, tmp_path/'again')
-    other = train_and_evaluate(train_cache, tmp_path/'seed1', seed=1, epochs=1)   # the test can tell runs apart
-    assert other['valid_loss'][0] != ref['valid_loss'][0]
-
-
-CHILD = '''
-import sys, json
-sys.path.insert(0, {tests!r})
-from test_robustness import train_and_evaluate
-train_and_evaluate({cache!r}, {folder!r})
-'''
-
-
-def test_sigkilled_training_resumes_to_the_same_result(train_cache, reference, tmp_path):
-    "Kill a training process (SIGKILL) once its first checkpoint exists, resume it here: same weights, same metrics."
-    folder = tmp_path/'killed'
-    code = CHILD.format(tests=str(TESTS), cache=str(train_cache), folder=str(folder))
-    env = {**os.environ, 'NO_ALBUMENTATIONS_UPDATE': '1', 'PYTHONWARNINGS': 'ignore'}
-    with open(tmp_path/'child.err', 'wb') as err:
-        proc = subprocess.Popen([sys.executable, '-c', code], env=env, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            deadline = time.time() + 180
-            while not (folder/'last.pth').exists():
-                assert proc.poll() is None, f"the training process ended early: {(tmp_path/'child.err').read_text()[-2000:]}"
-                assert time.time() < deadline, 'no checkpoint after 180 s'
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill(); proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    done = torch.load(folder/'last.pth', map_location='cpu', weights_only=False)['epoch']
-    assert done < TRAIN['epochs'] - 1, 'the process finished before the kill: nothing was resumed'
-    resumed = train_and_evaluate(train_cache, folder)
-    _, ref = reference
-    assert resumed['metrics'] == ref['metrics'] and resumed['pred'] == ref['pred']
-    assert resumed['valid_loss'] == ref['valid_loss']
-    assert _same_weights(reference[0], folder)
-
-
-class _CrashAt:
-    "Make `_torch_save_atomic` raise ENOSPC when it is about to write `name` of epoch `epoch`."
-    def __init__(self, save, name, epoch): self.save, self.name, self.epoch = save, name, epoch
-    def __call__(self, obj, path):
-        if Path(path).name == self.name and obj.get('epoch') == self.epoch: raise OSError(errno.ENOSPC, 'No space left on device (simulated)')
-        return self.save(obj, path)
-
-
-@pytest.fixture(scope='module')
-def crashed_between_log_and_checkpoint(train_cache, tmp_path_factory):
-    "A run that died after epoch 1's log row but before epoch 1's last.pth, then resumed."
-    import echobook.tasks.landmarks as lm
-    folder = tmp_path_factory.mktemp('crash')/'run'
-    mp = pytest.MonkeyPatch()
-    mp.setattr(lm, '_torch_save_atomic', _CrashAt(lm._torch_save_atomic, 'last.pth', 1))
-    with pytest.raises(OSError, match='No space left'):
-        train_and_evaluate(train_cache, folder)
-    mp.undo()
-    return folder, train_and_evaluate(train_cache, folder)
-
-
-def test_crash_between_log_and_checkpoint_resumes_to_the_same_metrics(reference, crashed_between_log_and_checkpoint):
-    folder, resumed = crashed_between_log_and_checkpoint
-    assert resumed['metrics'] == reference[1]['metrics'] and _same_weights(reference[0], folder)
-
-
-def test_resumed_log_has_one_row_per_epoch(crashed_between_log_and_checkpoint):
-    _, resumed = crashed_between_log_and_checkpoint
-    assert resumed['epochs'] == list(range(TRAIN['epochs']))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Faults while writing a run: the disk fills up
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -331,7 +216,7 @@ def write_run(folder):
 
 
 class _Disk:
-    "os.fdopen for echobook.runs whose files raise ENOSPC once `quota` bytes have been written (then always)."
+    "os.fdopen for echobook.core (where every atomic write happens) whose files raise ENOSPC once `quota` bytes have been written (then always)."
     def __init__(self, quota): self.quota, self.used = quota, 0
     def fdopen(self, fd, mode='r', *a, **kw):
         f, disk = os.fdopen(fd, mode, *a, **kw), self
@@ -361,6 +246,7 @@ def _check_no_half_written_run(folder, ref_files):
     for n in names & {'predictions.csv', 'metrics.json', 'config.json'}:
         assert (Path(folder)/n).read_bytes() == ref_files[n], f'{n} is half written'
     for n in names & {'status.json', 'env.json'}: json.loads((Path(folder)/n).read_text())   # parses: complete
+    if 'attempts.jsonl' in names: run.attempts   # every line parses: complete
     return run.state
 
 
@@ -372,11 +258,11 @@ def test_disk_full_at_any_point_never_leaves_a_half_written_run_marked_done(tmp_
     states = {}
     for quota in sorted({*range(0, total + 2000, max(total // 40, 1)), *np.cumsum([len(v) for v in ref.values()]).tolist()}):
         disk = _Disk(quota)
-        monkeypatch.setattr(runs_mod, 'os', _OsWith(disk.fdopen))
+        monkeypatch.setattr(core_mod, 'os', _OsWith(disk.fdopen))
         folder = tmp_path/f'q{quota}'
         try: write_run(folder); error = None
         except OSError as e: error = e
-        monkeypatch.setattr(runs_mod, 'os', os)
+        monkeypatch.setattr(core_mod, 'os', os)
         state = _check_no_half_written_run(folder, ref)
         if error is None: assert state == 'done' and {p.name for p in folder.iterdir()} == set(ref)
         else:
@@ -392,7 +278,8 @@ def test_disk_full_at_any_point_never_leaves_a_half_written_run_marked_done(tmp_
 TMPFS_CHILD = '''
 import json, subprocess, sys
 from pathlib import Path
-from echobook.runs import RunDir, atomic_write_text, fail_run, finish_run, start_run
+from echobook.core import atomic_write_text
+from echobook.runs import RunDir, fail_run, finish_run, start_run
 mnt, out = Path(sys.argv[1]), []
 CONFIG, METRICS, PREDICTIONS = {config!r}, {metrics!r}, {predictions!r}
 {write_run}
@@ -433,4 +320,4 @@ def test_real_full_disk_on_a_tiny_tmpfs(tmp_path):
     assert not [f for f in full['files'] if f.endswith('.tmp')]
     assert 'predictions.csv' not in full['files'] and 'metrics.json' not in full['files']   # no half-written result
     assert room['ok'] and room['state'] == 'done'
-    assert set(room['files']) == {'config.json', 'env.json', 'status.json', 'predictions.csv', 'metrics.json'}
+    assert set(room['files']) == {'attempts.jsonl', 'config.json', 'env.json', 'status.json', 'predictions.csv', 'metrics.json'}

@@ -10,7 +10,7 @@ import torch
 
 from echobook.config import load_profile
 from echobook.core import ResumeError
-from echobook.data.echonet import prepare_cache
+from echobook.data.clips import prepare_cache
 
 TESTS = Path(__file__).parent
 SMALL = dict(encoder='resnet18_2d.in1k', head='mlp', k=8, augment=True)
