@@ -1,0 +1,1 @@
+"""echobook.data (exported from nbs/; see the notebooks)."""
