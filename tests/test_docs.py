@@ -11,11 +11,20 @@ from echobook.cli import main
 NBS = Path(__file__).parents[1]/'nbs'
 
 
+SECTIONS = ('Core', 'Data', 'Models', 'Evaluation & runs', 'Training', 'Tasks', 'Sweeps & tables', 'CLI & tools',
+            'Experiments', 'Results')
+
+
 def test_sidebar_follows_quarto_sections():
+    "The sidebar groups the chapters as the architecture: every notebook is in one section, in dependency order."
     secs = dict(sidebar_sections(NBS))
-    for s in ('Data', 'Models', 'Adaptation', 'Experiments', 'Results', 'Reference'): assert s in secs, s
+    assert [s for s in secs if s] == list(SECTIONS)                       # no 'Other': nothing left out
+    assert [p.name for p in secs['Core']][:2] == ['00_core.ipynb', '00a_config.ipynb']
+    assert {p.name for p in secs['CLI & tools']} >= {'09_docs.ipynb', '10_bench.measure.ipynb', '11_cli.ipynb'}
     assert any(p.name == 'landmarks.ipynb' for p in secs['Experiments'])
-    assert any(p.parent.name == 'results' for p in secs['Results'])
+    assert all(p.parent.name == 'results' for p in secs['Results'])
+    chapters = [p.name for s in SECTIONS[:-2] for p in secs[s]]
+    assert chapters == sorted(chapters)                                    # section order is notebook order
     listed = {p for ps in secs.values() for p in ps}
     assert {p for p in NBS.rglob('*.ipynb') if not p.name.startswith('_') and '.ipynb_checkpoints' not in p.parts} == listed
 
@@ -25,15 +34,15 @@ def test_preview_pages(tmp_path):
     q = tmp_path/'_quarto.yml'
     q.write_text('website:\n  sidebar:\n    contents:\n      - index.ipynb\n      - section: Experiments\n        contents:\n'
                  '          - auto: "experiments/landmarks.ipynb"\n      - section: Results\n        contents:\n'
-                 '          - auto: "results/table3.ipynb"\n      - section: Reference\n        contents:\n          - auto: "10*.ipynb"\n')
+                 '          - auto: "results/table3.ipynb"\n      - section: Sweeps & tables\n        contents:\n          - auto: "07*.ipynb"\n')
     out = tmp_path/'preview'
     index = build_preview(NBS, out, quarto=q, others=False, progress=False)   # executes results/table3 (reads runs/ only)
     assert sorted(str(p.relative_to(out)) for p in out.rglob('*.html')) == [
-        '10_sweeps.html', 'experiments/landmarks.html', 'home.html', 'index.html', 'results/table3.html']
+        '07_sweeps.html', 'experiments/landmarks.html', 'home.html', 'index.html', 'results/table3.html']
     html = index.read_text()
-    assert html.index('<h2>Experiments</h2>') < html.index('<h2>Results</h2>') < html.index('<h2>Reference</h2>')
+    assert html.index('<h2>Experiments</h2>') < html.index('<h2>Results</h2>') < html.index('<h2>Sweeps &amp; tables</h2>')
     assert 'href="experiments/landmarks.html"' in html and 'href="results/table3.html"' in html
-    sweeps = (out/'10_sweeps.html').read_text()
+    sweeps = (out/'07_sweeps.html').read_text()
     assert 'Sweeps' in sweeps and 'href="index.html"' in sweeps and '#| export' not in sweeps
     t3 = (out/'results'/'table3.html').read_text()
     assert 'href="../index.html"' in t3 and 'Paper (Table 3)' in t3               # executed: the rebuilt table is on the page

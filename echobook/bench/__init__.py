@@ -1,0 +1,1 @@
+"""echobook.bench (exported from nbs/; see the notebooks)."""
