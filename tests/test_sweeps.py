@@ -1,13 +1,15 @@
-"""Sweeps, run states, the SLURM (submitit) path, the CLI and the table builder: `echobook reproduce / runs / table`."""
+"""Sweeps, run states, the SLURM (submitit) path and the table builder: what `echobook reproduce / runs / table` call."""
 import contextlib, io, json, os, platform, signal, subprocess, sys, time
 from pathlib import Path
-import pytest
+import pandas as pd, pytest
 
-from echobook.runs import RunDir, atomic_write_json
-from echobook.sweeps import (list_tables, load_config, expand_grid, parse_sets, check_parameters, notebook_path, run_sweep,
-                             plan_sweep, list_runs, run_state, example_notebook, reproduce)
-from echobook.tables import build_table, build_figure, figure_data, plotly_figure, fake_runs, collect_results
-from echobook.cli import main
+from echobook.core import ConfigError, atomic_write_json
+from echobook.runs import RunDir
+from echobook.config import list_tables, load_table_config, notebook_path
+from echobook.jobs import run_state, example_notebook
+from echobook.sweeps import expand_grid, parse_sets, check_parameters, run_sweep, plan_sweep, list_runs, reproduce, show_runs
+from echobook.tables import build_table, fake_runs, collect_results
+from echobook.results import build_figure, figure_data, plotly_figure, print_table
 
 LANDMARKS = Path(__file__).parents[1]/'nbs'/'experiments'/'landmarks.ipynb'
 
@@ -34,7 +36,7 @@ def toy(tmp_path):
 
 @pytest.mark.parametrize('table,paper,tiny', [('table2', 16, 8), ('table3', 20, 12), ('table4', 8, 3), ('fig2', 35, 3), ('figA1', 136, 3)])
 def test_shipped_configs_expand(table, paper, tiny):
-    cfg = load_config(table)
+    cfg = load_table_config(table)
     for profile, n in [('paper', paper), ('tiny', tiny)]:
         configs = expand_grid(cfg, profile)
         assert len(configs) == n and len({c.id for c in configs}) == n
@@ -43,7 +45,7 @@ def test_shipped_configs_expand(table, paper, tiny):
 
 
 def test_grid_ids_exclusions_and_overrides():
-    cfg = load_config('table3')
+    cfg = load_table_config('table3')
     ids = [c.id for c in expand_grid(cfg, 'paper')]
     assert 'mvit_v2_s.echoprime-k2-aug-gcn' in ids and 'panecho.panecho-k16-noaug-mlp' in ids
     assert not any(i.startswith('panecho.panecho-k2-') for i in ids)   # PanEcho has no k = 2 (config's exclude)
@@ -51,7 +53,7 @@ def test_grid_ids_exclusions_and_overrides():
     one = expand_grid(cfg, 'tiny', {'k': [0, 16], 'head': 'gcn', 'augment': True, 'epochs': 2})
     assert [c.id for c in one] == ['mvit_v2_s.echoprime-k0-aug-gcn', 'mvit_v2_s.echoprime-k16-aug-gcn']
     assert all(c.params['epochs'] == 2 for c in one)
-    t2 = expand_grid(load_config('table2'), 'paper', {'encoder': 'vit_base_patch16_224.in21k'})
+    t2 = expand_grid(load_table_config('table2'), 'paper', {'encoder': 'vit_base_patch16_224.in21k'})
     assert {(c.params['encoder'], c.params['k']) for c in t2} == {('vit_base_patch16_224.in21k', 12)}
     with pytest.raises(ValueError, match="no such value on the grid axis 'k'"): expand_grid(cfg, 'tiny', {'k': 3})
     with pytest.raises(ValueError, match=r"\[3\]"): expand_grid(cfg, 'tiny', {'k': [0, 3]})
@@ -60,10 +62,10 @@ def test_grid_ids_exclusions_and_overrides():
 
 def test_config_errors_and_sets():
     assert {'table2', 'table3', 'table4', 'fig2', 'figA1'} <= set(list_tables())
-    with pytest.raises(FileNotFoundError, match=r'available: .*table3'): load_config('table9')
+    with pytest.raises(ConfigError, match=r'available: .*table3'): load_table_config('table9')
     assert parse_sets(['k=2', 'augment=false', 'fraction=0.1', 'k=[0, 2]']) == {'k': [0, 2], 'augment': False, 'fraction': 0.1}
     with pytest.raises(ValueError, match='key=value'): parse_sets(['k'])
-    assert notebook_path(load_config('table3')) == LANDMARKS
+    assert notebook_path(load_table_config('table3')) == LANDMARKS
 
 
 # --- sweeps over the stand-in notebook ---------------------------------------------------------------------------------
@@ -145,18 +147,19 @@ def test_submitit_local_executor(toy, tmp_path):
     assert list(again.action) == ['skip', 'skip', 'failed']
 
 
-def test_cli(toy, tmp_path, capsys):
+def test_entry_points(toy, tmp_path, capsys):
+    "What `echobook reproduce / runs / table` call (the CLI itself is tested in its chapter)."
     runs = str(tmp_path/'runs')
-    assert main(['reproduce', str(toy), '--runs', runs, '--set', 'k=0']) == 0
+    assert reproduce(str(toy), runs=runs, sets=['k=0']) == 0
     assert '1 configuration: 1 done' in capsys.readouterr().out
-    assert main(['reproduce', str(toy), '--runs', runs, '--set', 'k=[0,1]', '--dry-run']) == 0
-    assert main(['runs', 'toy', '--runs', runs]) == 0
+    assert reproduce(str(toy), runs=runs, sets=['k=[0,1]'], dry_run=True) == 0
     assert 'k0' in capsys.readouterr().out
-    assert main(['table', str(toy), '--runs', runs]) == 0
+    show_runs('toy', runs)
+    assert 'k0' in capsys.readouterr().out
+    assert print_table(str(toy), runs) == 0
     out = capsys.readouterr().out
     assert '| 0 |' in out and '— (not run)' in out   # k = 1 and k = -1 were not run
-    assert main(['reproduce', 'table99', '--runs', runs]) == 2
-    assert 'available:' in (err := capsys.readouterr().err) and 'table3' in err
+    with pytest.raises(ConfigError, match='available:.*table3'): reproduce('table99', runs=runs)
 
 
 # --- tables and figures from synthetic run folders ---------------------------------------------------------------------
@@ -211,7 +214,7 @@ def test_real_landmark_sweep(tmp_path):
     runs = tmp_path/'runs'
     out = run_sweep(cfg, runs=runs)
     assert list(out.state) == ['done', 'done', 'failed'], out.error.tolist()
-    assert 'head must be mlp or gcn' in out.error[2]
+    assert 'must be mlp or gcn' in out.error[2] and 'bogus' in out.error[2]
     for rd in out.run_dir[:2]:
         for f in ('config.json', 'env.json', 'metrics.json', 'predictions.csv', 'per_video.csv', 'log.csv', 'notebook.ipynb'):
             assert (Path(rd)/f).exists(), f
@@ -220,3 +223,83 @@ def test_real_landmark_sweep(tmp_path):
     res = collect_results(cfg, runs)
     assert res['model/dice_ed/mean'].notna().sum() == 2
     assert '— (failed)' in build_table(cfg, runs).markdown
+
+
+# --- the paper path, typed parameters, tables that show every run ------------------------------------------------------
+
+def test_paper_without_data_stops_before_any_work(tmp_path):
+    "`reproduce --profile paper` without `--data` raises before a run folder or phantom is written (unless allow_phantom)."
+    runs = tmp_path/'runs'
+    for table in ('table3', 'ef_echoapex', 'dfkd_table1', 'probing_table3'):
+        with pytest.raises(ConfigError, match="'paper' profile needs the real data"): reproduce(table, 'paper', runs=runs)
+        with pytest.raises(ConfigError, match='folder not found'): run_sweep(table, 'paper', data=tmp_path/'nope', runs=runs)
+    assert not runs.exists()
+    plan = plan_sweep('table3', 'paper', runs=runs, allow_phantom=True)               # the explicit smoke test is allowed
+    assert len(plan) == 20 and plan.params[0]['data_dir'].endswith('phantom-160') and not runs.exists()
+    plan = plan_sweep('table3', 'paper', data=tmp_path, runs=runs)
+    assert plan.params[0]['data_dir'] == str(tmp_path.absolute())
+
+
+@pytest.mark.parametrize('table', list_tables())
+def test_paper_profiles_use_pretrained_weights(table):
+    "Every experiment notebook that has `pretrained` gets True under the paper profile (except encoders without weights)."
+    cfg = load_table_config(table)
+    configs = expand_grid(cfg, 'paper')
+    if 'pretrained' not in check_parameters(notebook_path(cfg), configs[:1])[0].params: return   # e.g. ef_videomae: no such parameter
+    explicit_off = [v for vs in cfg['grid'].values() for v in vs if isinstance(v, dict) and v.get('pretrained') is False]
+    for c in configs:
+        assert c.params['pretrained'] is True or any(all(c.params.get(k) == x for k, x in v.items()) for v in explicit_off), c.id
+
+
+def test_set_values_are_typed(toy, tmp_path):
+    "`--set augment=false` (or a papermill-style string) reaches the notebook as the bool False."
+    plan = plan_sweep(toy, runs=tmp_path/'runs', overrides={'k': 0, 'augment': 'false', 'seed': '2'})
+    assert plan.params[0]['augment'] is False and plan.params[0]['seed'] == 2
+    with pytest.raises(ConfigError, match="augment='perhaps'"): plan_sweep(toy, runs=tmp_path/'runs', overrides={'augment': 'perhaps'})
+
+
+def test_corrupt_run_folder_is_named_and_the_rest_shown(tmp_path, capsys):
+    runs = tmp_path/'runs'
+    fake_runs('table4', runs)
+    bad = runs/'table4'/'k2-mvit_v2_s.k400'
+    (bad/'metrics.json').write_text('{"summary": {"model/dice_ed/mean": 0.9')    # truncated
+    t = build_table('table4', runs)
+    data = t.data[t.data.kind == 'model'].set_index('id')
+    assert data.loc['k2-mvit_v2_s.k400', 'state'] == 'unreadable' and '— (unreadable)' in t.markdown
+    assert data.drop('k2-mvit_v2_s.k400').ours_dice_ed_mean.notna().all() and len(data) == 8
+    assert any('k2-mvit_v2_s.k400/metrics.json' in n and 'corrupt JSON' in n for n in t.notes)
+    assert 'k2-mvit_v2_s.k400/metrics.json' in t.markdown and 'k2-mvit_v2_s.k400/metrics.json' in t.html
+    listing = list_runs('table4', runs).set_index('id')
+    assert listing.loc['k2-mvit_v2_s.k400', 'state'] == 'unreadable' and (listing.state == 'done').sum() == 7
+    (runs/'table4'/'k0-mvit_v2_s.k400'/'status.json').write_text('not json')         # a corrupt status too
+    assert print_table('table4', runs) == 0 and 'k0-mvit_v2_s.k400/status.json' in capsys.readouterr().out
+
+
+def test_tiny_row_outside_the_paper_grid_is_shown(tmp_path):
+    "EF (paper 001): the tiny profile's random-init ResNet-18 is not a paper configuration; its finished run still appears."
+    runs = tmp_path/'runs'
+    cfg = load_table_config('ef_echoapex')
+    tiny = {c.id: c for c in expand_grid(cfg, 'tiny')}
+    rd = runs/'ef_echoapex'/'resnet18_2d.in1k-nopre'
+    assert 'resnet18_2d.in1k-nopre' in tiny and 'resnet18_2d.in1k-nopre' not in {c.id for c in expand_grid(cfg, 'paper')}
+    atomic_write_json(rd/'sweep.json', dict(table='ef_echoapex', profile='tiny', grid=tiny['resnet18_2d.in1k-nopre'].grid,
+                                            params=tiny['resnet18_2d.in1k-nopre'].params))
+    atomic_write_json(rd/'metrics.json', dict(summary={'model/mae/mean': 8.68, 'model/mae/std': 6.1, 'mean/mae/mean': 9.9}))
+    atomic_write_json(rd/'status.json', dict(state='done'))
+    t = build_table('ef_echoapex', runs)
+    row = t.data.set_index('id').loc['resnet18_2d.in1k-nopre']
+    assert row.kind == 'model' and row.ours_mae_mean == 8.68 and pd.isna(row.paper_mae_mean)
+    assert '8.68 ± 6.10' in t.markdown and 'ResNet-18 IN-1k †' in t.markdown and any('tiny profile' in n for n in t.notes)
+    paper = t.data.set_index('id').loc['vit_base_patch16_224.in21k-pre']                # the paper row keeps its quoted cell
+    assert paper.paper_mae_mean == 6.1 and paper.state == 'new'
+    assert 'Training-mean EF (baseline)' in t.markdown
+
+
+def test_every_config_prints_a_table(tmp_path, capsys):
+    "`echobook table` prints a table for every config, probing included (not file paths)."
+    for name in list_tables():
+        assert print_table(name, tmp_path/'none') == 0
+        out = capsys.readouterr().out
+        assert out.count('\n|') >= 3 and '— (not run)' in out, name
+    assert print_table('probing_table3', tmp_path/'none') == 0
+    assert 'T2 image ↑ (paper, Table 3)' in (out := capsys.readouterr().out) and '85.60' in out and 'MedImageInsight' in out
