@@ -1,5 +1,6 @@
-"""EchoDFKD (paper 004): aFD on constructed curves, the student family, the teacher loader, the CLIP evaluator, the
-table configs, the CLI and (slow) the experiment notebook end to end through papermill."""
+"""EchoDFKD (paper 004): aFD on constructed curves, the student family, the segmenter checkpoint loader, the teacher-targets
+cache's data identity, the CLIP evaluator, the table configs, and (slow) the experiment notebook end to end: the student
+beats its untrained initialisation, the teacher is shared, `overwrite=True` retrains under the new config."""
 import json
 from pathlib import Path
 
@@ -7,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from echobook.tasks import dfkd
-from echobook.tasks.dfkd import afd_frame, contiguous_blocks, ConvLSTMUNet, build_student
+from echobook.tasks import dfkd, dfkd_eval
+from echobook.tasks.dfkd import ConvLSTMUNet, build_student
+from echobook.tasks.dfkd_eval import afd_frame, contiguous_blocks
+from echobook.models import segmenters
 
 torch.set_num_threads(1)
 NB = Path(__file__).parents[1]/'nbs'/'experiments'/'dfkd.ipynb'
@@ -69,13 +72,14 @@ def test_afd_rejects_bad_input():
 def test_afd_table_counts_every_video(phantom_dir):
     from echobook.data.echonet import scan_dataset
     recs = scan_dataset(phantom_dir).split('TEST')
-    truth = dfkd.truth_areas(phantom_dir)
-    t = dfkd.afd_table(truth, recs)
+    truth = dfkd_eval.truth_areas(phantom_dir)
+    t = dfkd_eval.afd_table(truth, recs)
     assert len(t) == len(recs) and t.afd_es.max() <= 1 and t.afd_ed.max() <= 2   # the true area: the method's floor
-    with pytest.raises(ValueError, match='no curve'): dfkd.afd_table({}, recs)
+    with pytest.raises(ValueError, match='no curve'): dfkd_eval.afd_table({}, recs)
+    assert len(dfkd_eval.afd_from_csv(phantom_dir, phantom_dir/'PhantomTruth.csv')) == len(recs)
 
 
-# ---- student family, teacher loader -----------------------------------------------------------------------------
+# ---- student family, segmenter checkpoint -------------------------------------------------------------------------
 
 def test_every_student_builds_under_4m_parameters():
     t = dfkd.student_complexity(sizes=(56,))
@@ -96,85 +100,137 @@ def test_student_is_causal_and_streams():
         x2 = x.clone(); x2[:, 6:] = 0
         assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
         assert torch.allclose(m(x2)[:, :6], full[:, :6], atol=1e-6)
+        assert torch.allclose(dfkd.Chunked(m, 4)(x), full, atol=1e-5)
 
-def test_teacher_checkpoint_with_module_prefix(tmp_path):
-    net = dfkd.build_teacher('deeplabv3_resnet50')
+def test_echonet_checkpoint_with_module_prefix(tmp_path):
+    net = segmenters.build_segmenter('deeplabv3_resnet50')
     sd = {f'module.{k}': v for k, v in net.net.state_dict().items()}
-    torch.save({'epoch': 3, 'state_dict': sd}, tmp_path/dfkd.TEACHER_WEIGHTS)
-    loaded = dfkd.build_teacher(pretrained=True, weights_dir=tmp_path)
+    torch.save({'epoch': 3, 'state_dict': sd, 'opt_dict': {}}, tmp_path/segmenters.ECHONET_SEG_WEIGHTS)
+    loaded = segmenters.build_segmenter('deeplabv3_resnet50', pretrained=True, weights_dir=tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(loaded.net.state_dict().values(), net.net.state_dict().values()))
-    with pytest.raises(dfkd.MissingWeightsError, match='deeplabv3_resnet50_random.pt'):
-        dfkd.build_teacher(pretrained=True, weights_dir=tmp_path/'empty')
+    with pytest.raises(segmenters.MissingWeightsError, match='deeplabv3_resnet50_random.pt'):
+        segmenters.build_segmenter('deeplabv3_resnet50', pretrained=True, weights_dir=tmp_path/'empty')
 
-def test_teacher_checkpoint_that_does_not_fit(tmp_path):
-    torch.save({'state_dict': {'module.backbone.conv1.weight': torch.zeros(1)}}, tmp_path/dfkd.TEACHER_WEIGHTS)
-    with pytest.raises(ValueError, match='does not fit'): dfkd.build_teacher(pretrained=True, weights_dir=tmp_path)
+def test_echonet_checkpoint_that_does_not_fit(tmp_path):
+    torch.save({'state_dict': {'module.backbone.conv1.weight': torch.zeros(1)}}, tmp_path/segmenters.ECHONET_SEG_WEIGHTS)
+    with pytest.raises(ValueError, match='does not fit'):
+        segmenters.build_segmenter('deeplabv3_resnet50', pretrained=True, weights_dir=tmp_path)
+
+
+# ---- the teacher-targets cache knows its data --------------------------------------------------------------------
+
+def test_targets_follow_the_videos_and_the_teacher(tmp_path):
+    from echobook.data.echonet import ensure_phantom
+    synth = ensure_phantom(tmp_path/'syn', n_videos=6, domain='synthetic', progress=False)
+    teacher, out = segmenters.build_segmenter('unet', size=16), tmp_path/'targets'
+    index = dfkd.prepare_targets(teacher, synth, out, size=16, max_frames=4, progress=False)
+    files = {n: out/f'{n}.npy' for n in index.FileName}
+    stamp = lambda: {n: p.stat().st_mtime_ns for n, p in files.items()}
+    first = stamp()
+    dfkd.prepare_targets(teacher, synth, out, size=16, max_frames=4, progress=False)
+    assert stamp() == first                                   # nothing changed: nothing relabelled
+    edited = index.FileName[0]
+    v = synth/'Videos'/f'{edited}.avi'; v.write_bytes(v.read_bytes())
+    dfkd.prepare_targets(teacher, synth, out, size=16, max_frames=4, progress=False)
+    now = stamp()
+    assert now[edited] > first[edited] and all(now[n] == first[n] for n in files if n != edited)
+    dfkd.prepare_targets(segmenters.build_segmenter('unet', size=16, seed=1), synth, out, size=16, max_frames=4, progress=False)
+    assert all(t > now[n] for n, t in stamp().items())        # another teacher: everything relabelled
+    meta = json.loads((out/'index.json').read_text())
+    assert meta['teacher'] == segmenters.weights_hash(segmenters.build_segmenter('unet', size=16, seed=1)) and len(meta['videos']) == len(files)
 
 
 # ---- CLIP evaluator ---------------------------------------------------------------------------------------------
 
 def test_tiny_open_clip_scores_masked_frames(tmp_path):
-    scorer = dfkd.load_clip_scorer(dfkd.write_tiny_clip(tmp_path/'clip'))
+    scorer = dfkd_eval.load_clip_scorer(dfkd_eval.write_tiny_clip(tmp_path/'clip'))
     frames = np.random.default_rng(0).integers(0, 255, (5, 112, 112, 3), dtype=np.uint8)
     masks = np.zeros((5, 112, 112), bool); masks[:, 40:70, 40:70] = True
-    q = dfkd.mask_quality(scorer, frames, masks)
+    q = dfkd_eval.mask_quality(scorer, frames, masks)
     assert list(q.columns) == ['wall', 'nothing', 'lv', 'score'] and len(q) == 5 and np.isfinite(q.values).all()
     assert np.allclose(q.score, q.wall + q.nothing - q.lv)
-    assert dfkd.mitral_phase_signal(scorer, frames).shape == (5,)
-    with pytest.raises(dfkd.MissingWeightsError, match='echo-clip'): dfkd.load_echoclip(tmp_path/'none')
+    assert dfkd_eval.mitral_phase_signal(scorer, frames).shape == (5,)
+    with pytest.raises(segmenters.MissingWeightsError, match='echo-clip'): dfkd_eval.load_echoclip(tmp_path/'none')
 
 
-# ---- configs, CLI -----------------------------------------------------------------------------------------------
+# ---- profile, table configs, citations ---------------------------------------------------------------------------
+
+def test_profile_and_typed_overrides():
+    from echobook.core import ConfigError
+    tiny, paper = dfkd.dfkd_config('tiny'), dfkd.dfkd_config('paper', epochs='3', lr='1e-4')
+    assert not tiny['pretrained'] and paper['pretrained'] and paper['teacher'] == 'deeplabv3_resnet50'
+    assert paper['epochs'] == 3 and paper['lr'] == 1e-4
+    with pytest.raises(ConfigError, match='patiense'): dfkd.dfkd_config('tiny', patiense=3)
 
 def test_table_configs_match_the_notebook_and_the_citations():
-    from echobook.sweeps import load_config, expand_grid, check_parameters, notebook_path
+    from echobook.config import load_table_config
+    from echobook.sweeps import expand_grid, check_parameters
     for table, n in [('dfkd_table1', 16), ('dfkd_table2', 1)]:
-        cfg = load_config(table)
+        cfg = load_table_config(table)
         for profile in ('tiny', 'paper'):
             configs = expand_grid(cfg, profile)
-            check_parameters(notebook_path(cfg), configs)
+            check_parameters(NB, configs)
             assert len(configs) == n
-    t1, t2 = dfkd.paper_numbers('table1'), dfkd.paper_numbers('table2')
+    t1, t2 = dfkd_eval.paper_numbers('table1'), dfkd_eval.paper_numbers('table2')
     assert len(t1.dropna(subset=['blocks'])) == 16 and (t1.source == 'Table 1').all()
     assert t2.set_index('label').loc['EchoDFKD* (entire test set)', 'afd_es'] == 2.83
-
-def test_cli_afd_and_complexity(phantom_dir, capsys):
-    from echobook.cli import main
-    assert main(['afd', str(phantom_dir), str(phantom_dir/'PhantomTruth.csv')]) == 0
-    assert 'aFD over' in capsys.readouterr().out
-    assert main(['dfkd-complexity', '--sizes', '56']) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 17
 
 
 # ---- the experiment notebook, end to end -------------------------------------------------------------------------
 
-TINY = dict(phantom_videos=12, teacher_epochs=1, teacher_size=32, size=32, blocks=2, layers=1, epochs=1, max_frames=16,
-            seq_len=8, batch_size=4, clip_model='tiny', clip_videos=1, threads=1)
+TINY = dict(profile='tiny', phantom_videos=24, blocks=2, layers=1, threads=1)   # the tiny profile itself
+
+def _run(tmp_path, name, **params):
+    "Execute the experiment notebook with the TINY settings and `params`."
+    import papermill as pm
+    pm.execute_notebook(str(NB), str(tmp_path/f'{name}.ipynb'), parameters={**TINY, **params}, kernel_name='echobook',
+                        cwd=str(tmp_path), progress_bar=False)
 
 @pytest.mark.slow
-def test_experiment_notebook_runs(tmp_path):
+def test_experiment_notebook_distils_and_overwrite_retrains(tmp_path, monkeypatch):
     import papermill as pm
+    monkeypatch.setenv('ECHOBOOK_RUNS', str(tmp_path/'runs'))
     run = tmp_path/'run'
-    pm.execute_notebook(str(NB), str(tmp_path/'out.ipynb'), parameters={**TINY, 'run_dir': str(run)}, kernel_name='echobook',
-                        cwd=str(tmp_path), progress_bar=False)
-    m = json.loads((run/'metrics.json').read_text())
+    _run(tmp_path, 'first', run_dir=str(run), clip_model='tiny', clip_videos=1)
+    m = json.loads((run/'metrics.json').read_text())['summary']
     assert json.loads((run/'status.json').read_text())['state'] == 'done'
     for who in ('model', 'teacher', 'untrained'):
-        for k in ('dice', 'iou', 'afd_ed', 'afd_es'): assert np.isfinite(m['summary'][f'{who}/{k}/mean'])
-    assert m['summary']['truth/afd_es/mean'] <= 1 and m['trainable_params'] > 0 and m['clip']
-    for f in ('per_video.csv', 'areas.csv', 'log.csv', 'best.pth', 'figures/area_curves.png'): assert (run/f).exists(), f
-    # the teacher and its labels are shared: a second student reuses them (no retraining)
-    teacher_dir = Path(json.loads((run/'config.json').read_text())['teacher_dir'])
-    stamp = (teacher_dir/'teacher.pt').stat().st_mtime
-    pm.execute_notebook(str(NB), str(tmp_path/'out2.ipynb'), parameters={**TINY, 'layers': 2, 'clip_model': 'none', 'run_dir': str(tmp_path/'run2')},
-                        kernel_name='echobook', cwd=str(tmp_path), progress_bar=False)
-    assert (teacher_dir/'teacher.pt').stat().st_mtime == stamp
+        for k in ('dice', 'iou', 'afd_ed', 'afd_es'): assert np.isfinite(m[f'{who}/{k}/mean'])
+    assert m['model/dice/mean'] > m['untrained/dice/mean'] + 0.2, m     # the student learned from the teacher
+    assert m['model/afd_es/mean'] < m['untrained/afd_es/mean'], m
+    assert m['truth/afd_es/mean'] <= 1
+    for f in ('per_video.csv', 'areas.csv', 'clip.csv', 'log.csv', 'best.pth', 'checkpoint.pth', 'figures/area_curves.png'):
+        assert (run/f).exists(), f
+    config = json.loads((run/'config.json').read_text())
+    teacher_log = Path(config['teacher_dir'])/'log.csv'
+    t_teacher, old_ckpt = teacher_log.stat().st_mtime_ns, torch.load(run/'checkpoint.pth', weights_only=False)
+    # another lr in the same folder: refused without overwrite, retrained from scratch with it
+    with pytest.raises(pm.PapermillExecutionError, match='another config'):
+        _run(tmp_path, 'refused', run_dir=str(run), lr=3e-3)
+    _run(tmp_path, 'second', run_dir=str(run), lr=3e-3, overwrite=True)
+    new_ckpt, m2 = torch.load(run/'checkpoint.pth', weights_only=False), json.loads((run/'metrics.json').read_text())
+    assert json.loads((run/'config.json').read_text())['lr'] == 3e-3 and new_ckpt['config']['lr'] == 3e-3
+    assert new_ckpt['config_hash'] != old_ckpt['config_hash'] and m2['epochs_run'] == dfkd.dfkd_config('tiny')['epochs'] and m2['train_time_s'] > 0
+    assert m2['summary']['model/dice/mean'] != m['model/dice/mean']
+    assert len((run/'attempts.jsonl').read_text().splitlines()) == 1          # a fresh folder, not a resumed one
+    moved = list(tmp_path.glob('run.replaced-*'))
+    assert len(moved) == 1 and json.loads((moved[0]/'config.json').read_text())['lr'] == 1e-3
+    assert teacher_log.stat().st_mtime_ns == t_teacher                       # the shared teacher was not retrained
+    assert config['teacher_dir'] == json.loads((run/'config.json').read_text())['teacher_dir']
 
 @pytest.mark.slow
 def test_experiment_notebook_missing_teacher_weights(tmp_path, monkeypatch):
     import papermill as pm
     monkeypatch.setenv('ECHOBOOK_WEIGHTS', str(tmp_path/'no-weights'))
+    monkeypatch.setenv('ECHOBOOK_RUNS', str(tmp_path/'runs'))
     with pytest.raises(pm.PapermillExecutionError, match='deeplabv3_resnet50_random.pt'):
-        pm.execute_notebook(str(NB), str(tmp_path/'out.ipynb'), parameters={**TINY, 'pretrained': True, 'run_dir': str(tmp_path/'run')},
-                            kernel_name='echobook', cwd=str(tmp_path), progress_bar=False)
+        _run(tmp_path, 'out', pretrained=True, teacher='deeplabv3_resnet50', phantom_videos=6, run_dir=str(tmp_path/'run'))
     assert json.loads((tmp_path/'run'/'status.json').read_text())['state'] == 'failed'
+
+@pytest.mark.slow
+def test_experiment_notebook_paper_profile_needs_data(tmp_path, monkeypatch):
+    import papermill as pm
+    monkeypatch.setenv('ECHOBOOK_RUNS', str(tmp_path/'runs'))
+    with pytest.raises(pm.PapermillExecutionError, match='data_dir'):
+        _run(tmp_path, 'out', profile='paper', run_dir=str(tmp_path/'run'))
+    assert not (tmp_path/'run').exists() and not (tmp_path/'runs').exists()

@@ -1,5 +1,6 @@
-"""The probing experiment notebook (paper 002) run with papermill on a small phantom, and its sweeps via `echobook reproduce`."""
-import json, os
+"""Paper 002 (probing vs fine-tuning): the experiment notebook run with papermill on a small phantom, the registry complete
+at import, the paper profile's guards, and embeddings that follow the data."""
+import json, os, subprocess, sys
 from pathlib import Path
 import pandas as pd
 import pytest
@@ -7,6 +8,8 @@ import pytest
 REPO = Path(__file__).parents[1]
 NB = REPO/'nbs'/'experiments'/'probing.ipynb'
 TINY = dict(encoder='resnet18_2d.in1k', size=32, profile='tiny')  # the smallest registered image encoder, 32 px
+PAPER_002 = {'vit_base_patch14_dinov2.lvd142m', 'vit_small_patch14_dinov2.lvd142m', 'vit_base_patch16_clip_224.openai',
+             'vit_base_patch16_224.mae', 'resnet50.a1_in1k', 'convnext_base.echoclip'}
 
 
 @pytest.fixture(scope='module')
@@ -21,53 +24,100 @@ def _run(tmp_path, views_dir, **params):
     import papermill as pm
     rd = tmp_path/'run'
     pm.execute_notebook(str(NB), str(tmp_path/'out.ipynb'), kernel_name='echobook', cwd=str(tmp_path), progress_bar=False,
-                        parameters=dict(data_dir=str(views_dir), cache_dir=str(tmp_path/'cache'), run_dir=str(rd), **TINY, **params))
+                        parameters=dict(data_dir=str(views_dir), cache_dir=str(tmp_path/'cache'), run_dir=str(rd), **{**TINY, **params}))
     return rd
 
 
+def test_registry_complete_at_import():
+    "A fresh interpreter that imports only models.encoders lists every encoder, paper 002's included (no import order)."
+    code = 'from echobook.models.encoders import list_encoders; print(" ".join(list_encoders()))'
+    names = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.split()
+    assert PAPER_002 <= set(names) and {'mvit_v2_s.echoprime', 'resnet18_2d.in1k', 'panecho.panecho'} <= set(names), names
+    from echobook.core import MissingWeightsError
+    from echobook.models import encoders
+    assert encoders.MissingWeightsError is MissingWeightsError
+
+
 def test_probe_sequence_curve(tmp_path, views_dir, monkeypatch):
-    "Linear probing, sequence-based: a finished run whose curve covers the ladder with seeds, T2 beside T1."
+    "Linear probing, sequence-based, parameters given as strings (as `papermill -p` does): the curve rises with data."
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    rd = _run(tmp_path, views_dir, method='probe', sampling='sequence', seeds=2, n_aug=0)
+    rd = _run(tmp_path, views_dir, method='probe', sampling='sequence', seeds='2', n_aug='0', standardize='true')
     assert json.loads((rd/'status.json').read_text())['state'] == 'done'
+    cfg = json.loads((rd/'config.json').read_text())
+    assert cfg['seeds'] == 2 and cfg['n_aug'] == 0 and cfg['standardize'] is True and cfg['pretrained'] is False
     curve = pd.read_csv(rd/'curve.csv')
     assert sorted(curve.n.unique()) == [1, 2, 4, 8] and set(curve.split) == {'T1', 'T2'} and curve.seed.nunique() == 2
     m = json.loads((rd/'metrics.json').read_text())
     assert {'T1/acc_img', 'T1/acc_seq', 'T2/acc_img', 'T2/bacc_seq'} <= set(m['summary'])
     t1 = curve[curve.split == 'T1'].groupby('n').acc_img.mean()
-    assert t1.iloc[-1] > t1.iloc[0], t1
+    print('tiny probe curve, T1 image accuracy by sequences per class:', t1.round(3).to_dict())
+    assert t1.iloc[-1] > t1.iloc[0] + .05, t1
+    per_seq = pd.read_csv(rd/'per_sequence_T1.csv')
+    assert len(per_seq) == 30 and {'sequence', 'view', 'pred_view', 'correct'} <= set(per_seq)
     assert (rd/'figures'/'curve.png').exists() and (rd/'confusion_T2.csv').exists()
 
 
 def test_finetune_one_size(tmp_path, views_dir, monkeypatch):
-    "Full fine-tuning of one image-based size, scaled down to 64 samples."
+    "Full fine-tuning of one image-based size through training.fit, scaled down to 64 samples; checkpointed."
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     rd = _run(tmp_path, views_dir, method='finetune', sampling='image', n_train=32, min_samples=64, n_aug=0)
     curve = pd.read_csv(rd/'curve.csv')
     assert curve.n.unique().tolist() == [32] and curve.epochs.iloc[0] == 2 and curve.samples_seen.iloc[0] == 64
-    log = pd.read_csv(rd/'train_log.csv')
-    assert len(log) == 2
+    assert len(pd.read_csv(rd/'train_log.csv')) == 2
+    fit = rd/'fits'/'n32-s0'
+    assert (fit/'checkpoint.pth').exists() and (fit/'best.pth').exists() and len(pd.read_csv(fit/'log.csv')) == 2
     m = json.loads((rd/'metrics.json').read_text())
     assert m['trainable_params'] == m['n_params'] > 0 and m['inference_ms'] > 0
 
 
+def test_paper_profile_needs_data(tmp_path):
+    "The paper profile without data stops before any work, with a message; its encoders default to pretrained weights."
+    import papermill as pm
+    from echobook.tasks.probing import probing_profile
+    assert probing_profile('paper')['pretrained'] is True and probing_profile('tiny')['pretrained'] is False
+    with pytest.raises(pm.PapermillExecutionError, match='data_dir'):
+        pm.execute_notebook(str(NB), str(tmp_path/'out.ipynb'), kernel_name='echobook', cwd=str(tmp_path), progress_bar=False,
+                            parameters=dict(profile='paper', run_dir=str(tmp_path/'run')))
+    assert not (tmp_path/'run').exists()
+
+
+def test_embeddings_follow_the_data(tmp_path, views_dir):
+    "A changed source video is decoded again and gets new embeddings (another cache key), never the stale ones."
+    import shutil, torch
+    from echobook.models.encoders import create_encoder
+    from echobook.tasks.probing import probing_profile, probing_datasets, probe_embeddings
+    data = tmp_path/'views'; shutil.copytree(views_dir, data)
+    cfg, cache = probing_profile('tiny', prep_size=32, n_aug=0), tmp_path/'cache'
+    torch.manual_seed(0); enc = create_encoder('resnet18_2d.in1k', size=32)
+    _, tests, _ = probing_datasets(cfg, data, cache, progress=False)
+    z0 = probe_embeddings(enc, tests['T2'], cache, progress=False)
+    video = Path(sorted((data/'T2').glob('*/*.avi'))[0])
+    other = Path(sorted((data/'T1').glob(f'{video.parent.name}/*.avi'))[0])
+    shutil.copyfile(other, video)                               # an edited video
+    _, tests2, _ = probing_datasets(cfg, data, cache, progress=False)
+    z1 = probe_embeddings(enc, tests2['T2'], cache, progress=False)
+    assert len(list((cache/'embeddings').glob('*/embeddings.npy'))) == 2
+    changed = (tests2['T2'].sequence == f'T2/{video.parent.name}/{video.stem}').to_numpy()
+    assert (abs(z1[changed] - z0[changed]).max() > 1e-4) and abs(z1[~changed] - z0[~changed]).max() < 1e-5
+
+
 @pytest.mark.slow
 def test_reproduce_probing_and_finetuning(tmp_path, views_dir, monkeypatch):
-    "`echobook reproduce` runs probing and fine-tuning configurations (one encoder each here) and the report is built."
+    "`echobook reproduce` runs probing and fine-tuning configurations (one encoder each); figures and Table 3 from the folders."
     from echobook.sweeps import run_sweep
-    from echobook.tasks.probing import probing_report, collect_curves
+    from echobook.tasks.probing_report import curves_figure, plot_tradeoff, table3
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     runs = tmp_path/'runs'
     common = dict(size=32, seeds=2, n_aug=0, cache_dir=str(tmp_path/'cache'))
     for table, sets in [('probing_fig2', dict(encoder='resnet50.a1_in1k')),
-                        ('probing_fig3', dict(encoder='resnet50.a1_in1k', n_train=32, min_samples=64)),
                         ('probing_table3', dict(encoder='resnet50.a1_in1k', min_samples=64))]:
         plan = run_sweep(table, 'tiny', data=str(views_dir), overrides={**common, **sets}, runs=runs)
         assert (plan.state == 'done').all(), plan[['id', 'state', 'error']].to_string()
-    curves, results = collect_curves(runs=runs)
-    assert set(curves.table) == {'probing_fig2', 'probing_fig3', 'probing_table3'}
-    assert {'finetune', 'probe'} == set(results.method)
-    out = probing_report(runs=runs)
-    assert (runs/'probing_table3'/'probing_fig5.png').exists() and (runs/'probing_table3'/'probing_table3.csv').exists()
-    t3 = pd.read_csv(runs/'probing_table3'/'probing_table3.csv', header=[0, 1], index_col=0)
-    assert t3.shape[0] == 1 and t3.shape[1] == 8  # ours and the paper's T1/T2 × img/seq
+    folders = sorted(p.parent for p in runs.glob('probing_*/*/curve.csv'))
+    configs = [json.loads((f/'config.json').read_text()) for f in folders]
+    assert {c['method'] for c in configs} == {'probe', 'finetune'}
+    curves = pd.concat([pd.read_csv(f/'curve.csv').assign(encoder=c['encoder'], method=c['method']) for f, c in zip(folders, configs)])
+    assert len(curves_figure(curves).axes) == 2
+    done = [(c, json.loads((f/'metrics.json').read_text())) for f, c in zip(folders, configs) if c['method'] == 'finetune']
+    results = pd.DataFrame([dict(encoder=c['encoder'], inference_ms=m['inference_ms'], n_params=m['n_params'], **m['summary']) for c, m in done])
+    assert len(plot_tradeoff(results).axes) == 4 and table3(results).shape == (1, 8)
