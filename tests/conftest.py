@@ -8,6 +8,7 @@ import pytest
 def pytest_configure(config):
     config.addinivalue_line('markers', 'notebook: executes an nbs/ notebook top to bottom')
     config.addinivalue_line('markers', 'slow: takes more than ~30 s on 2 CPU cores')
+    config.addinivalue_line('markers', 'learning: checks a tiny-profile result (a model learns); minutes; run by `make test-learning`')
 
 
 @pytest.fixture(scope='session')

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from echobook.core import module_hash
 import torch
 
 from echobook.tasks import dfkd, dfkd_eval
@@ -137,7 +138,7 @@ def test_targets_follow_the_videos_and_the_teacher(tmp_path):
     dfkd.prepare_targets(segmenters.build_segmenter('unet', size=16, seed=1), synth, out, size=16, max_frames=4, progress=False)
     assert all(t > now[n] for n, t in stamp().items())        # another teacher: everything relabelled
     meta = json.loads((out/'index.json').read_text())
-    assert meta['teacher'] == segmenters.weights_hash(segmenters.build_segmenter('unet', size=16, seed=1)) and len(meta['videos']) == len(files)
+    assert meta['teacher'] == module_hash(segmenters.build_segmenter('unet', size=16, seed=1)) and len(meta['videos']) == len(files)
 
 
 # ---- CLIP evaluator ---------------------------------------------------------------------------------------------
@@ -187,6 +188,7 @@ def _run(tmp_path, name, **params):
                         cwd=str(tmp_path), progress_bar=False)
 
 @pytest.mark.slow
+@pytest.mark.learning   # a tiny-profile result (minutes): `make test-learning`, not `make test`
 def test_experiment_notebook_distils_and_overwrite_retrains(tmp_path, monkeypatch):
     import papermill as pm
     monkeypatch.setenv('ECHOBOOK_RUNS', str(tmp_path/'runs'))

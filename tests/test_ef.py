@@ -13,7 +13,8 @@ from echobook.core import EchobookDataError, ResumeError
 from echobook.data.echonet import scan_dataset, read_frames, read_video
 from echobook.data.camus import (scan_camus, read_camus_info, read_camus_sequence, read_mhd, camus_clip, camus_clips, square_pad,
                                  write_camus_like, ensure_camus_like, inspect_camus, format_camus)
-from echobook.models.segmenters import build_segmenter, weights_hash, load_segmenter
+from echobook.models.segmenters import build_segmenter, load_segmenter
+from echobook.core import module_hash
 from echobook.models.video import EFDecoder, ViViT, SegmenterEncoder, cache_grey_videos
 from echobook.training import EncoderHead
 from echobook.tasks.ef import (ef_table, ef_splits, ef_targets, ef_metrics, ef_metrics_ci, ef_per_video, ef_summary, train_ef_decoder,
@@ -262,7 +263,7 @@ def test_embeddings_of_a_retrained_segmenter_are_not_reused(phantom_dir, tmp_pat
     table = ef_table(scan_dataset(phantom_dir))
     rows = table[~table.excluded].head(4).reset_index(drop=True)
     embed = lambda seg: ef_embeddings(rows, SegmenterEncoder(seg), tmp_path, n_frames=4, size=32, name='segmenter-32',
-                                      model_hash=weights_hash(seg), progress=False)
+                                      model_hash=module_hash(seg), progress=False)
     segs = [build_segmenter('unet', size=32, channels=(4, 8, 16, 32), res_units=1, seed=s) for s in (0, 0, 1)]
     z0 = embed(segs[0])
     entries = lambda: sorted(p.name for p in (tmp_path/'embeddings').iterdir() if p.is_dir())
@@ -272,7 +273,7 @@ def test_embeddings_of_a_retrained_segmenter_are_not_reused(phantom_dir, tmp_pat
     z2 = embed(segs[2])                                        # "retrained": new weights, new key, recomputed
     assert len(entries()) == 2 and np.abs(z2 - z0).max() > 1e-3
     meta = json.loads((tmp_path/'embeddings'/one[0]/'meta.json').read_text())
-    assert meta['weights'] == f'model:{weights_hash(segs[0])}' and meta['encoder'] == 'segmenter-32'
+    assert meta['weights'] == f'model:{module_hash(segs[0])}' and meta['encoder'] == 'segmenter-32'
 
 
 def test_edited_video_is_decoded_again(phantom_dir, tmp_path):
@@ -305,8 +306,8 @@ def test_decoder_fit_checkpoints_and_resumes(tmp_path):
 def test_cosine_schedule_resumes_where_it_stopped(tmp_path):
     "A fit with the cosine schedule killed after epoch 2 (a cluster's time limit) resumes to the same log and weights."
     from fastai.callback.core import Callback
-    from echobook.training import fit
-    from echobook.tasks.ef import CosineLR, ef_mse, read_log
+    from echobook.training import fit, read_log
+    from echobook.tasks.ef import ef_mse
     class Kill(Callback):
         order = 90
         def after_epoch(self):
@@ -318,7 +319,7 @@ def test_cosine_schedule_resumes_where_it_stopped(tmp_path):
         torch.manual_seed(0)
         dec = EFDecoder(8, 4, dim=8, ef_init=50.)
         fit(dec, ds, ds, folder, config=dict(a=1), epochs=4, loss_func=ef_mse, lr=1e-3, batch_size=8, opt='adamw', progress=False,
-            cbs=[CosineLR(1e-3, 4), *cbs])
+            schedule='cosine', cbs=list(cbs))
         return dec, read_log(folder)
     full, log_full = run(tmp_path/'full')
     with pytest.raises(KeyboardInterrupt): run(tmp_path/'cut', [Kill()])
@@ -367,6 +368,7 @@ def phantom160(tmp_path_factory):
 
 
 @pytest.mark.slow   # about 2.5 min on 2 cores (1 min of it writing the phantom)
+@pytest.mark.learning   # a tiny-profile result (minutes): `make test-learning`, not `make test`
 def test_ef_echoapex_tiny_profile_beats_the_training_mean(phantom160, tmp_path):
     "EchoApex-ST end to end, tiny profile: run folder, checkpoints, keyed embeddings, and EF better than the training mean."
     camus = write_camus_like(phantom160, tmp_path/'camus', n_patients=4)
@@ -389,7 +391,7 @@ def test_ef_echoapex_tiny_profile_beats_the_training_mean(phantom160, tmp_path):
     seg = build_segmenter('unet', size=64, channels=(8, 16, 32, 64), res_units=1)
     seg.load_state_dict(torch.load(run/'segmenter'/'best.pth', map_location='cpu'))
     metas = [json.loads(p.read_text()) for p in (cache/'embeddings').glob('*/meta.json')]
-    assert [x['weights'] for x in metas] == [f'model:{weights_hash(seg)}'], 'embeddings are keyed by the trained segmenter'
+    assert [x['weights'] for x in metas] == [f'model:{module_hash(seg)}'], 'embeddings are keyed by the trained segmenter'
     cfg = json.loads((run/'config.json').read_text())
     assert cfg['epochs'] == 100 and cfg['pretrained'] is False and cfg['profile'] == 'tiny'
 

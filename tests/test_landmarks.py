@@ -36,6 +36,7 @@ def _fit_tiny(cache, folder, epochs):
 
 
 @pytest.mark.slow   # about 1.5 min on 2 cores
+@pytest.mark.learning   # a tiny-profile result (minutes): `make test-learning`, not `make test`
 def test_tiny_profile_moves_mvit_away_from_mean_shape(cache160, tmp_path):
     "Three tiny-profile epochs already beat the mean shape at ED on the test split (the full 12 epochs: see table3)."
     table, log = _fit_tiny(cache160, tmp_path/'run', epochs=3)

@@ -102,6 +102,7 @@ def test_embeddings_follow_the_data(tmp_path, views_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.learning   # a tiny-profile result (minutes): `make test-learning`, not `make test`
 def test_reproduce_probing_and_finetuning(tmp_path, views_dir, monkeypatch):
     "`echobook reproduce` runs probing and fine-tuning configurations (one encoder each); figures and Table 3 from the folders."
     from echobook.sweeps import run_sweep

@@ -205,6 +205,7 @@ def test_figures(tmp_path):
 # --- the real landmark notebook, tiny ------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.learning   # a tiny-profile result (minutes): `make test-learning`, not `make test`
 def test_real_landmark_sweep(tmp_path):
     "Two tiny landmark configurations and a broken one (unknown head) through the real experiment notebook."
     cfg = tmp_path/'lm.yaml'
