@@ -357,14 +357,3 @@ def _write_one_frame_video(path):
     "Overwrite `path` with a valid one-frame MJPG video."
     w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'MJPG'), 50, (112, 112))
     w.write(np.zeros((112, 112, 3), np.uint8)); w.release()
-
-# %% ../../nbs/01a_data.echonet.ipynb #2571b632
-_MOVED_TO_CLIPS = ('PAPER_FRACTIONS', 'fraction_count', 'fraction_subset', 'landmark_augmentation', 'augment_clip', 'CACHE_VERSION',
-                   'prepare_cache', 'read_cache_index', 'load_clip', 'EchoClips', 'LandmarkClips', 'denormalize_keypoints')
-
-def __getattr__(name):
-    "Temporary: names that moved to `echobook.data.clips` (import them from there)."
-    if name in _MOVED_TO_CLIPS:
-        from echobook.data import clips
-        return getattr(clips, name)
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
