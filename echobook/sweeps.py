@@ -15,12 +15,12 @@ from .runs import RunDir
 from .jobs import run_state, run_local, slurm_executor, run_submitit
 
 # %% auto #0
-__all__ = ['load_config', 'configs_dir', 'SHORT', 'IDENTITY_IGNORE', 'SweepConfig', 'config_id', 'parse_sets', 'expand_grid',
-           'check_parameters', 'plan_sweep', 'run_sweep', 'run_folders', 'list_runs', 'reproduce', 'show_runs']
+__all__ = ['SHORT', 'IDENTITY_IGNORE', 'SweepConfig', 'config_id', 'parse_sets', 'expand_grid', 'check_parameters', 'plan_sweep',
+           'run_sweep', 'run_folders', 'list_runs', 'reproduce', 'show_runs']
 
 # %% ../nbs/07_sweeps.ipynb #2024b6f7
-load_config = load_table_config  # former names, still used by other chapters; prefer `echobook.config.load_table_config`
-configs_dir = configs_root       # ... and `echobook.config.configs_root`
+#| export
+
 
 # %% ../nbs/07_sweeps.ipynb #0e1a4fe0
 SHORT = {'augment': 'aug', 'fraction': 'frac', 'pretrained': 'pre'}  # id abbreviations of parameter names
