@@ -82,13 +82,128 @@ def test_afd_table_counts_every_video(phantom_dir):
 
 # ---- student family, segmenter checkpoint -------------------------------------------------------------------------
 
-def test_every_student_builds_under_4m_parameters():
-    t = dfkd.student_complexity(sizes=(56,))
+# The released student, transcribed independently from models.py of github.com/GregoirePetit/ConvLSTM-Segmentation
+# (the ConvLSTM_Segmentation submodule of EchoDFKD): one 3×3 conv over [x_t, h_{t-1}] → 4h gates (i, f, o, g) per
+# ConvLSTM layer, BatchNorm after each layer, 2×2 max-pool after every block but the last; decoder levels of
+# Upsample(×2) → Conv 3×3 (2h → h) → BatchNorm, no skips, no ReLU; a 1×1 conv to one logit.
+class _RefLSTM(torch.nn.Module):
+    def __init__(self, c, h):
+        super().__init__(); self.h, self.conv = h, torch.nn.Conv2d(c + h, 4*h, 3, padding=1)
+    def forward(self, x):
+        b, t, _, hh, ww = x.shape
+        h = c = x.new_zeros(b, self.h, hh, ww); out = []
+        for i in range(t):
+            gi, gf, go, gg = torch.split(self.conv(torch.cat([x[:, i], h], 1)), self.h, 1)
+            c = torch.sigmoid(gf)*c + torch.sigmoid(gi)*torch.tanh(gg); h = torch.sigmoid(go)*torch.tanh(c); out.append(h)
+        return torch.stack(out, 1)
+
+def _td(m, x):
+    y = m(x.reshape(-1, *x.shape[2:])); return y.reshape(*x.shape[:2], *y.shape[1:])
+
+class _RefModel(torch.nn.Module):
+    def __init__(self, blocks, layers, f=12):
+        super().__init__()
+        self.blocks, self.layers, c = blocks, layers, 1
+        self.lstm, self.bn = torch.nn.ModuleList(), torch.nn.ModuleList()
+        for i in range(blocks):
+            for j in range(layers):
+                self.lstm.append(_RefLSTM(c, f*2**i)); self.bn.append(torch.nn.BatchNorm2d(f*2**i)); c = f*2**i
+        self.up = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Upsample(scale_factor=2), torch.nn.Conv2d(2*f*2**i, f*2**i, 3, padding=1),
+                                                          torch.nn.BatchNorm2d(f*2**i)) for i in range(blocks - 2, -1, -1))
+        self.out = torch.nn.Conv2d(f, 1, 1)
+    def forward(self, x):
+        for i in range(self.blocks):
+            for k in range(i*self.layers, (i + 1)*self.layers): x = _td(self.bn[k], self.lstm[k](x))
+            if i < self.blocks - 1: x = _td(torch.nn.MaxPool2d(2), x)
+        for u in self.up: x = _td(u, x)
+        return _td(self.out, x)
+
+def _load_reference(ours, ref):
+    "Copy the reference weights into our student (its gate conv split into the input and recurrent halves)."
+    for a, b in zip(ours.lstm, ref.lstm):
+        c = a.wx.in_channels
+        a.wx.weight.data, a.wx.bias.data, a.wh.weight.data = b.conv.weight[:, :c].clone(), b.conv.bias.clone(), b.conv.weight[:, c:].clone()
+    for a, b in list(zip(ours.norm, ref.bn)) + [(u[1], r[2]) for u, r in zip(ours.up, ref.up)]: a.load_state_dict(b.state_dict())
+    for u, r in zip(ours.up, ref.up): u[0].load_state_dict(r[1].state_dict())
+    ours.head.load_state_dict(ref.out.state_dict())
+
+PAPER_PARAMS = 0.72e6   # paper 004, Table 2: EchoDFKD (the best student; (B, l) = (4, 1) is the only one of that size)
+
+def test_student_params_match_the_reference_for_every_b_l():
+    t = dfkd.student_complexity(sizes=(56,)).set_index(['B', 'l'])   # the defaults: reference + last-block residual
     assert len(t) == 16 and (t.params < 4e6).all()
-    assert t.set_index(['B', 'l']).loc[(4, 1), 'params'] == 741793
     for b in range(1, 5):
         for l in range(1, 5):
-            with torch.device('meta'): assert dfkd.count_params(ConvLSTMUNet(b, l)) == t.set_index(['B', 'l']).loc[(b, l), 'params']
+            with torch.device('meta'): ref = dfkd.count_params(_RefModel(b, l))
+            with torch.device('meta'): assert dfkd.count_params(ConvLSTMUNet(b, l, residual=None)) == ref, (b, l)
+            h = 12*2**(b - 1)
+            assert t.loc[(b, l), 'params'] == ref + (h//2*h if b > 1 else 0), (b, l)   # + the 1×1 projection (h/2 → h)
+    assert abs(t.loc[(4, 1), 'params'] - PAPER_PARAMS) < 0.015*PAPER_PARAMS, t.loc[(4, 1)]
+    others = t.drop(index=(4, 1)).params
+    assert (abs(others - PAPER_PARAMS) > 0.1*PAPER_PARAMS).all()     # no other student is near 0.72M
+
+def test_student_computes_the_reference_function():
+    torch.manual_seed(0)
+    x = torch.rand(2, 5, 1, 16, 16)
+    for b, l in [(1, 2), (3, 1), (2, 2)]:
+        ref = _RefModel(b, l).eval()
+        for p in ref.parameters(): torch.nn.init.normal_(p, std=0.3)     # away from BatchNorm's identity init
+        ours, last = ConvLSTMUNet(b, l, residual=None).eval(), ConvLSTMUNet(b, l).eval()
+        _load_reference(ours, ref); _load_reference(last, ref)
+        with torch.no_grad():
+            y = ref(x)
+            assert torch.allclose(ours(x), y, atol=1e-5), (b, l)
+            for p in last.shortcut.parameters(): torch.nn.init.zeros_(p)
+            assert torch.allclose(last(x), y, atol=1e-5), (b, l)               # a zero shortcut: the reference again
+            for p in last.shortcut.parameters(): torch.nn.init.normal_(p)
+            assert (b == 1) == torch.allclose(last(x), y, atol=1e-5), (b, l)   # a one-block student has no shortcut
+
+def test_student_variants():
+    with torch.device('meta'):
+        base, skips = ConvLSTMUNet(4, 1, residual=None), ConvLSTMUNet(4, 1, residual=None, skips=True, relu=True)
+        assert dfkd.count_params(skips) == 741793 and dfkd.count_params(base) == 714577
+        assert dfkd.count_params(ConvLSTMUNet(4, 1, residual=None, relu=True)) == dfkd.count_params(base)   # ReLU has no weights
+        assert sorted(ConvLSTMUNet(4, 2, residual='all').shortcut) == ['1', '2', '3'] and not len(ConvLSTMUNet(1, 2).shortcut)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in ConvLSTMUNet(3, 1).modules())
+    assert sum(isinstance(m, torch.nn.ReLU) for m in ConvLSTMUNet(3, 1, relu=True).modules()) == 2
+    with pytest.raises(ValueError, match='residual'): ConvLSTMUNet(2, 1, residual='first')
+    for kw in (dict(), dict(skips=True, relu=True), dict(residual='all'), dict(residual=None)):
+        m = build_student(3, 1, **kw)
+        assert m(torch.rand(1, 3, 1, 16, 16)).shape == (1, 3, 1, 16, 16)
+
+
+# ---- the test set: every TEST video that can be scored ----------------------------------------------------------
+
+def test_dfkd_test_set_keeps_videos_with_other_irregular_tracings(phantom_dir, tmp_path):
+    import shutil, pandas as pd
+    from echobook.data.echonet import scan_dataset
+    d = tmp_path/'data'; shutil.copytree(phantom_dir, d)
+    test = scan_dataset(d).split('TEST')
+    assert [r.FileName for r in dfkd_eval.dfkd_test_set(d)[0]] == [r.FileName for r in test]
+    tr, fl = pd.read_csv(d/'VolumeTracings.csv'), pd.read_csv(d/'FileList.csv')
+    ids = tr.FileName.str.replace('.avi', '', regex=False)
+    r0, r1, r2 = test[:3]
+    free = next(f for f in range(r0.n_frames) if f not in (r0.ed_frame, r0.es_frame))
+    extra = tr[ids == r0.FileName].iloc[:25].assign(Frame=free)                 # a third traced frame with 25 lines
+    tr = pd.concat([tr, extra])
+    tr = tr[~((tr.FileName.str.replace('.avi', '', regex=False) == r2.FileName) & (tr.Frame == r2.es_frame))]   # ES tracing gone
+    tr.to_csv(d/'VolumeTracings.csv', index=False)
+    fl.loc[fl.FileName.str.replace('.avi', '', regex=False) == r1.FileName, 'EF'] = float('nan'); fl.to_csv(d/'FileList.csv', index=False)
+    recs, left = dfkd_eval.dfkd_test_set(d)
+    names = [r.FileName for r in recs]
+    assert r0.FileName in names and r0.FileName not in [r.FileName for r in scan_dataset(d).split('TEST')]
+    assert sorted(left.FileName) == sorted([r1.FileName, r2.FileName]) and len(names) == len(test) - 2
+    assert left.set_index('FileName').loc[r1.FileName, 'reason'].startswith('EF')
+    kept = next(r for r in recs if r.FileName == r0.FileName)
+    assert (kept.ed_frame, kept.es_frame) == (r0.ed_frame, r0.es_frame)
+
+def test_foreground_baseline(phantom_dir):
+    from echobook.data.echonet import keypoints_to_mask
+    recs = dfkd_eval.dfkd_test_set(phantom_dir)[0]
+    fg = dfkd_eval.foreground_scores(recs)
+    a = np.array([keypoints_to_mask(r.ed_kpts).mean() for r in recs])
+    assert np.allclose(fg.iou_ed, a) and np.allclose(fg.dice_ed, 2*a/(1 + a))
+
 
 def test_student_is_causal_and_streams():
     m = build_student(2, 2, filters=4).eval()
@@ -199,6 +314,7 @@ def test_experiment_notebook_distils_and_overwrite_retrains(tmp_path, monkeypatc
     for who in ('model', 'teacher', 'untrained'):
         for k in ('dice', 'iou', 'afd_ed', 'afd_es'): assert np.isfinite(m[f'{who}/{k}/mean'])
     assert m['model/dice/mean'] > m['untrained/dice/mean'] + 0.2, m     # the student learned from the teacher
+    assert m['model/dice/mean'] > m['foreground/dice/mean'] + 0.2, m    # ... more than the all-foreground mask
     assert m['model/afd_es/mean'] < m['untrained/afd_es/mean'], m
     assert m['truth/afd_es/mean'] <= 1
     for f in ('per_video.csv', 'areas.csv', 'clip.csv', 'log.csv', 'best.pth', 'checkpoint.pth', 'figures/area_curves.png'):
