@@ -7,7 +7,8 @@ import torch
 
 from echobook.core import read_json
 from echobook.data.echonet import (EchobookDataError, read_filelist, read_tracings, scan_dataset, inspect_dataset,
-                                   tracing_to_keypoints, keypoints_to_mask, read_video, show_tracing)
+                                   tracing_to_keypoints, keypoints_to_mask, read_video, show_tracing, EF_POLICY, POLICIES,
+                                   TRACING_POLICIES, tracings_state, require_tracings)
 from echobook.data.clips import prepare_cache, read_cache_index, load_clip, EchoClips, LandmarkClips
 from echobook.evaluation import keypoints_to_mask as eval_mask
 
@@ -93,6 +94,49 @@ def test_nan_ef_and_non_112_videos(copy):
     assert 'tracings are in 112×112' in reasons[fl.FileName[1]]
     rec = next(r for r in scan.records if r.FileName == fl.FileName[0])
     assert np.isnan(rec.ef_filelist) and not np.isnan(rec.ef_tracings)
+
+
+def test_ef_policy_keeps_every_test_video_with_an_ef(copy):
+    "EF policy: irregular or missing tracings keep a TEST video (untraced, with the reason); a NaN EF or a lost video excludes it."
+    fl, tr = pd.read_csv(copy/'FileList.csv'), pd.read_csv(copy/'VolumeTracings.csv')
+    test = list(fl.FileName[fl.Split == 'TEST'])
+    of = lambda n: tr.index[tr.FileName == n + '.avi']
+    tr = pd.concat([tr, tr.loc[of(test[0])[:1]]]).drop(of(test[1]))        # 22 lines on one frame; no tracing at all
+    tr.to_csv(copy/'VolumeTracings.csv', index=False)
+    train = list(fl.FileName[fl.Split == 'TRAIN'])
+    fl.loc[fl.FileName == train[0], 'EF'] = np.nan
+    fl.to_csv(copy/'FileList.csv', index=False)
+    (copy/'Videos'/f'{train[1]}.avi').unlink()
+    landmark, ef = scan_dataset(copy), scan_dataset(copy, policy=EF_POLICY)
+    assert len(landmark.split('TEST')) == len(test) - 2                     # the landmark policy is unchanged
+    assert [r.FileName for r in ef.split('TEST')] == test                    # every TEST video, in FileList order
+    untraced = {r.FileName: r for r in ef.records if not r.traced}
+    assert set(untraced) == set(test[:2]) and untraced[test[1]].no_tracing == 'no tracings'
+    assert '22' in untraced[test[0]].no_tracing and untraced[test[0]].ed_frame is None and np.isnan(untraced[test[0]].ef_tracings)
+    assert np.isfinite(untraced[test[0]].ef_filelist)
+    reasons = dict(zip(ef.excluded.FileName, ef.excluded.reason))
+    assert reasons == {train[0]: 'FileList EF nan is not a finite percentage', train[1]: 'video file not found'}
+    assert ef.counts().loc['TEST', ['listed', 'usable', 'traced']].tolist() == [len(test), len(test), len(test) - 2]
+    assert POLICIES == (*TRACING_POLICIES, EF_POLICY)
+
+
+@pytest.mark.parametrize('state', ['missing', 'empty', 'header only'])
+def test_ef_only_folder(copy, state):
+    "No VolumeTracings.csv, a 0-byte one or a header only: an EF-only folder, reported as such; tracing policies stop naming the file."
+    path = copy/'VolumeTracings.csv'
+    if state == 'missing': path.unlink()
+    else: path.write_text('' if state == 'empty' else 'FileName,X1,Y1,X2,Y2,Frame\n')
+    assert tracings_state(copy) == ('missing' if state == 'missing' else 'empty')
+    rep = inspect_dataset(copy)
+    assert rep['policy'] == EF_POLICY and rep['note'].startswith(f'EF-only folder: {path}') and rep['excluded'] == []
+    assert len(rep['records']) == 24 and not any(r['no_tracing'] == '' for r in rep['records'])
+    for policy in TRACING_POLICIES:
+        with pytest.raises(EchobookDataError, match=f"{path}: {'file not found' if state == 'missing' else 'no tracings'}.*EF-only folder"):
+            scan_dataset(copy, policy=policy)
+    with pytest.raises(EchobookDataError, match='ef_echoapex needs the volume tracings'): require_tracings(copy, 'ef_echoapex')
+    from echobook.data.kinds import format_inspection, inspect_data
+    text = format_inspection(inspect_data(copy))
+    assert 'EF-only folder' in text and 'without (scored from the FileList EF only): 24' in text
 
 
 def test_data_and_evaluation_masks_agree(phantom_dir):

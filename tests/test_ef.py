@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from echobook.core import EchobookDataError, ResumeError
-from echobook.data.echonet import scan_dataset, read_frames, read_video
+from echobook.data.echonet import EF_POLICY, scan_dataset, read_frames, read_video
 from echobook.data.camus import (scan_camus, read_camus_info, read_camus_sequence, read_mhd, camus_clip, camus_clips, square_pad,
                                  write_camus_like, ensure_camus_like, inspect_camus, format_camus)
 from echobook.models.segmenters import build_segmenter, load_segmenter
@@ -249,6 +249,28 @@ def test_two_stage_fallback_is_excluded_and_counted(phantom_dir):
     assert (s['n_scored'], s['n_excluded']) == (len(test) - 1, 1) and s['clip/n'] == s['mean/n'] == len(test) - 1
 
 
+def test_test_videos_without_tracings_are_scored(phantom_dir, tmp_path):
+    "EF policy: a TEST video without tracings is scored by the two-stage model and the mean; `clip` and the tracings' EF skip it."
+    d = tmp_path/'data'; shutil.copytree(phantom_dir, d)
+    fl, tr = pd.read_csv(d/'FileList.csv'), pd.read_csv(d/'VolumeTracings.csv')
+    gone = fl.FileName[fl.Split == 'TEST'].iloc[0]
+    tr[tr.FileName != gone + '.avi'].to_csv(d/'VolumeTracings.csv', index=False)
+    table = ef_table(scan_dataset(d, policy=EF_POLICY))
+    test, traced = ef_splits(table)['TEST'], ef_splits(table, traced=True)['TEST']
+    assert len(test) == (fl.Split == 'TEST').sum() == len(traced) + 1 and not test.set_index('FileName').traced[gone]
+    m = _MeanBrightness()
+    truth = phantom_areas(d)
+    per = evaluate_echoapex(EncoderHead(SegmenterEncoderLike(m), m), test, np.zeros((len(traced), 4, 1), np.float32),
+                            lambda name, video: truth[name], 50.0, n_frames=4, size=32, progress=False)
+    row = per.set_index('FileName').loc[gone]
+    assert not row.excluded and np.isfinite(row.ef_model) and np.isnan(row.ef_clip) and np.isnan(row.ef_tracings) and np.isnan(row.ed_error)
+    s, _ = ef_summary(per, n_boot=20)
+    assert s['n_scored'] == s['model/n'] == s['mean/n'] == len(test) and s['clip/n'] == s['model_tracings/n'] == s['mean_tracings/n'] == len(traced)
+    with pytest.raises(ValueError, match='clip embeddings for'):
+        evaluate_echoapex(EncoderHead(SegmenterEncoderLike(m), m), test, np.zeros((len(test), 4, 1), np.float32),
+                          lambda name, video: truth[name], 50.0, n_frames=4, size=32, progress=False)
+
+
 class SegmenterEncoderLike(nn.Module):
     "`FrameFeatures`-style wrapper for the stand-in model (its `embed_frames` without gradients)."
     def __init__(self, m): super().__init__(); self.m = m
@@ -396,6 +418,22 @@ def test_ef_echoapex_tiny_profile_beats_the_training_mean(phantom160, tmp_path):
     assert cfg['epochs'] == 100 and cfg['pretrained'] is False and cfg['profile'] == 'tiny'
 
 
+@pytest.mark.slow   # about 3 min on 2 busy cores (plus the phantom)
+@pytest.mark.learning
+@pytest.mark.parametrize('pretrain', [True, False])
+def test_ef_videomae_tiny_profile_is_below_the_training_mean(phantom160, tmp_path, pretrain):
+    "The ViViT, tiny profile, with and without masked-autoencoder pretraining: a lower MAE than the training mean (a pipeline check)."
+    run = tmp_path/'run'
+    _papermill(NBS/'ef_videomae.ipynb', tmp_path/'out.ipynb', data_dir=str(phantom160), run_dir=str(run), cache_dir=str(tmp_path/'grey'),
+               pretrain=pretrain, n_boot=200)
+    m = json.loads((run/'metrics.json').read_text())
+    s = m['summary']
+    # measured (issue 17, seed 0): MAE-pretrained 9.06 (paired Wilcoxon p 0.090), from scratch 9.28 (p 0.083), training mean
+    # 9.86 on the 20 test videos; the old tiny profile: 9.65 (p 0.23). Not significant: the table caption says so.
+    assert s['model/mae/mean'] < s['mean/mae/mean'] - 0.3 and s['model/vs_mean/p_wilcoxon'] < 0.2, 'the ViViT must do better than the training mean'
+    assert m['n_scored'] == m['n_test'] == 20 and json.loads((run/'config.json').read_text())['profile'] == 'tiny'
+
+
 def test_ef_videomae_notebook(phantom_dir, tmp_path):
     "The video-transformer experiment end to end with tiny settings (pretraining and fine-tuning one epoch each)."
     run = tmp_path/'run'
@@ -407,6 +445,38 @@ def test_ef_videomae_notebook(phantom_dir, tmp_path):
     assert np.isfinite(m['summary']['model/mae/mean']) and m['pretrain_final_loss'] is None   # 'false' is False: no pretraining
     assert not (run/'pretrain').exists() and (run/'finetune'/'checkpoint.pth').exists()
     assert len(pd.read_csv(run/'per_video.csv')) == m['n_test'] == m['n_scored'] + m['n_excluded']
+
+
+def _ef_only_copy(src, dst, state):
+    "`src` as an EF-only folder: FileList.csv and Videos/ only, VolumeTracings.csv absent or with a header and no rows."
+    dst.mkdir(parents=True)
+    shutil.copy(src/'FileList.csv', dst/'FileList.csv'); shutil.copytree(src/'Videos', dst/'Videos')
+    if state == 'header only': (dst/'VolumeTracings.csv').write_text('FileName,X1,Y1,X2,Y2,Frame\n')
+    return dst
+
+
+@pytest.mark.parametrize('state', ['missing', 'header only'])
+def test_ef_videomae_runs_on_an_ef_only_folder(phantom_dir, tmp_path, state):
+    "No tracings (file absent or empty): the ViViT experiment (FileList target) runs end to end and scores every TEST video."
+    data, run = _ef_only_copy(phantom_dir, tmp_path/'data', state), tmp_path/'run'
+    _papermill(NBS/'ef_videomae.ipynb', tmp_path/'out.ipynb', data_dir=str(data), run_dir=str(run), cache_dir=str(tmp_path/'grey'),
+               size=16, frames=4, period=8, patch=8, tubelet=2, dim=8, depth=1, heads=1, pretrain_epochs=1, finetune_epochs=1,
+               batch_size=8, test_clips=1, n_boot=20)
+    m = json.loads((run/'metrics.json').read_text())
+    n_test = (pd.read_csv(data/'FileList.csv').Split == 'TEST').sum()
+    assert m['ef_only'] and m['n_test'] == m['n_scored'] == n_test and m['n_test_traced'] == 0 and m['n_excluded_ef'] == 0
+    assert np.isfinite(m['summary']['model/mae/mean']) and m['summary']['model_tracings/n'] == 0
+    assert (run/'pretrain'/'checkpoint.pth').exists()
+
+
+def test_ef_notebooks_that_need_tracings_name_the_missing_file(phantom_dir, tmp_path):
+    "ef_echoapex (stage-1 segmenter, traced training clips) and ef_videomae with target=tracings stop on an EF-only folder."
+    import papermill as pm
+    data = _ef_only_copy(phantom_dir, tmp_path/'data', 'missing')
+    for nb, extra in (('ef_echoapex.ipynb', {}), ('ef_videomae.ipynb', dict(target='tracings'))):
+        with pytest.raises(pm.PapermillExecutionError, match='VolumeTracings.csv: file not found: .*needs the volume tracings'):
+            _papermill(NBS/nb, tmp_path/'out.ipynb', data_dir=str(data), run_dir=str(tmp_path/'run'), **extra)
+    assert not (tmp_path/'run').exists()
 
 
 def test_ef_notebooks_refuse_the_paper_profile_without_data(tmp_path):
