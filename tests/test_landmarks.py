@@ -48,7 +48,8 @@ def test_tiny_profile_moves_mvit_away_from_mean_shape(cache160, tmp_path):
 def _run_notebook(workdir, run_dir, **params):
     "Execute the landmarks experiment notebook with papermill (small ResNet-18 configuration) in `workdir`."
     import papermill as pm
-    base = dict(encoder='resnet18_2d.in1k', k=8, epochs=1, phantom_videos=12, batch_size=4, size=32, run_dir=str(run_dir))
+    base = dict(encoder='resnet18_2d.in1k', k=8, epochs=1, phantom_videos=12, batch_size=4, size=32, run_dir=str(run_dir),
+                gcn_hops=20)     # a switch of the paper's unstated choices: the whole-contour GCN neighbourhood
     return pm.execute_notebook(str(NB), str(workdir/'out.ipynb'), parameters={**base, **params}, kernel_name='echobook',
                                cwd=str(workdir), progress_bar=False)
 
@@ -63,6 +64,7 @@ def test_notebook_overwrite_retrains_and_another_config_is_refused(tmp_path):
     _run_notebook(tmp_path, run, augment='false')                      # a string, as `papermill -p augment false` passes it
     cfg = json.loads((run/'config.json').read_text())
     assert cfg['augment'] is False and cfg['epochs'] == 1 and cfg['lr'] == 1e-4
+    assert (cfg['gcn_hops'], cfg['head_init'], cfg['precision']) == (20, 'mean_shape', 'auto')
     first = _checkpoint(run)
     with pytest.raises(pm.PapermillExecutionError, match='another config'):
         _run_notebook(tmp_path, run, augment='false', lr=1e-3)          # same folder, new lr, no overwrite: refused
@@ -75,3 +77,7 @@ def test_notebook_overwrite_retrains_and_another_config_is_refused(tmp_path):
     assert len(moved) == 1 and (moved[0]/'checkpoint.pth').exists()    # the old run is kept aside, not mixed in
     metrics = json.loads((run/'metrics.json').read_text())
     assert metrics['epochs_run'] == 1
+    assert {'model/mke_l1_ed/mean', 'model/mke_ed/mean', 'mean shape/mke_l1_es/std'} <= set(metrics['summary'])
+    mem = metrics['memory']   # measured over the run's own training steps: batch 4, fp32 on the CPU
+    assert (mem['method'], mem['batch_size'], mem['precision']) == ('proxy', 4, 'fp32') and mem['steps'] >= 1
+    assert mem['peak_bytes'] >= mem['param_bytes'] > 0

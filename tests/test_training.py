@@ -140,3 +140,32 @@ def test_crash_between_log_and_checkpoint_resumes_to_the_same_metrics(reference,
 def test_resumed_log_has_one_row_per_epoch(crashed_between_log_and_checkpoint):
     _, resumed = crashed_between_log_and_checkpoint
     assert resumed['epochs'] == list(range(PROFILE['epochs']))
+
+
+def test_small_training_sets_keep_their_last_batch():
+    "Paper 000's 0.5 % split (36 videos, batch 20) trains on all 36 every epoch; a last batch of one is never formed."
+    from echobook.training import make_dataloaders
+    for n, batches, trained in [(36, 2, 36), (73, 4, 73), (147, 7, 140), (7394, 370, 7394), (21, 1, 20), (9, 1, 8)]:
+        bs = 8 if n == 9 else 20
+        dls = make_dataloaders(torch.utils.data.TensorDataset(torch.arange(float(n))), None, batch_size=bs, device='cpu')
+        assert len(dls.train) == batches, (n, len(dls.train))
+        if n < 200:
+            seen = torch.cat([b[0] for b in dls.train])
+            assert len(seen) == trained == len(set(seen.tolist())), (n, len(seen))
+            assert min(len(b[0]) for b in dls.train) > 1
+
+
+def test_fit_records_peak_memory_of_its_training_steps(tmp_path):
+    "`learn.peak_memory.result`: the CPU proxy at the fit's batch size and precision; None when no step ran; bf16 needs CUDA."
+    from torch import nn
+    from echobook.training import fit
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(40, 8, generator=g), torch.randn(40, 1, generator=g))
+    run = lambda **kw: fit(nn.Linear(8, 1), ds, ds, tmp_path, config={}, epochs=2, loss_func=nn.functional.mse_loss, lr=1e-2,
+                           batch_size=8, progress=False, **kw)
+    mem = run().peak_memory.result
+    assert (mem['method'], mem['batch_size'], mem['precision'], mem['steps']) == ('proxy', 8, 'fp32', 10)
+    assert mem['peak_bytes'] >= mem['param_bytes'] == 9 * 4
+    assert run().peak_memory.result is None                      # finished: resumed with no epoch left, nothing measured
+    with pytest.raises(ValueError, match='needs a CUDA device'):
+        run(precision='bf16', device='cpu')
