@@ -120,7 +120,8 @@ def _data_dir(params: dict, schema: dict, data, root: Path) -> str|None:
     "The `data_dir` to pass: `data`, else a phantom shared by the sweep's runs (for notebooks with `phantom_videos`)."
     if data is not None: return str(Path(data).absolute())
     if params.get('data_dir') or not {'data_dir', 'phantom_videos'} <= set(schema): return params.get('data_dir')
-    return str(root/'_data'/f"phantom-{params.get('phantom_videos', schema['phantom_videos'])}")
+    from echobook.data.phantom import PHANTOM_VERSION   # a new generator gets a new folder, so its runs get new ids
+    return str(root/'_data'/f"phantom-v{PHANTOM_VERSION}-{params.get('phantom_videos', schema['phantom_videos'])}")
 
 def _action(state, conflict, retry_failed) -> str:
     "What a sweep does with a configuration in `state`."

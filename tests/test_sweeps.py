@@ -219,7 +219,7 @@ def test_real_landmark_sweep(tmp_path):
     for rd in out.run_dir[:2]:
         for f in ('config.json', 'env.json', 'metrics.json', 'predictions.csv', 'per_video.csv', 'log.csv', 'notebook.ipynb'):
             assert (Path(rd)/f).exists(), f
-    assert (runs/'_data'/'phantom-12'/'FileList.csv').exists()                        # one shared phantom
+    assert (runs/'_data'/'phantom-v2-12'/'FileList.csv').exists()                        # one shared phantom
     assert list(run_sweep(cfg, runs=runs).action) == ['skip', 'skip', 'failed']
     res = collect_results(cfg, runs)
     assert res['model/dice_ed/mean'].notna().sum() == 2
@@ -236,7 +236,7 @@ def test_paper_without_data_stops_before_any_work(tmp_path):
         with pytest.raises(ConfigError, match='folder not found'): run_sweep(table, 'paper', data=tmp_path/'nope', runs=runs)
     assert not runs.exists()
     plan = plan_sweep('table3', 'paper', runs=runs, allow_phantom=True)               # the explicit smoke test is allowed
-    assert len(plan) == 20 and plan.params[0]['data_dir'].endswith('phantom-160') and not runs.exists()
+    assert len(plan) == 20 and plan.params[0]['data_dir'].endswith('phantom-v2-160') and not runs.exists()
     plan = plan_sweep('table3', 'paper', data=tmp_path, runs=runs)
     assert plan.params[0]['data_dir'] == str(tmp_path.absolute())
 
@@ -291,7 +291,7 @@ def test_tiny_row_outside_the_paper_grid_is_shown(tmp_path):
     row = t.data.set_index('id').loc['resnet18_2d.in1k-nopre']
     assert row.kind == 'model' and row.ours_mae_mean == 8.68 and pd.isna(row.paper_mae_mean)
     assert '8.68 ± 6.10' in t.markdown and 'ResNet-18 IN-1k †' in t.markdown and any('tiny profile' in n for n in t.notes)
-    paper = t.data.set_index('id').loc['vit_base_patch16_224.in21k-pre']                # the paper row keeps its quoted cell
+    paper = t.data.set_index('id').loc['vit_small_patch8_224.dino-pre']                # the paper row keeps its quoted cell
     assert paper.paper_mae_mean == 6.1 and paper.state == 'new'
     assert 'Training-mean EF (baseline)' in t.markdown
 
