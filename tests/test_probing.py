@@ -1,5 +1,6 @@
 """Paper 002 (probing vs fine-tuning): the experiment notebook run with papermill on a small phantom, the registry complete
-at import, the paper profile's guards, and embeddings that follow the data."""
+at import, DINOv2's feature (class token ⊕ mean patch token), the supervised ResNet-50 comparator of every configuration,
+the paper profile's guards, and embeddings that follow the data."""
 import json, os, subprocess, sys
 from pathlib import Path
 import pandas as pd
@@ -38,6 +39,55 @@ def test_registry_complete_at_import():
     assert encoders.MissingWeightsError is MissingWeightsError
 
 
+def test_dino_vit_s8_entry(tmp_path):
+    "DINO ViT-S/8 (paper 001's EchoApex-S initialisation): 384-d class token, 12 blocks, ImageNet statistics, a clear missing-file error."
+    import torch
+    from echobook.core import MissingWeightsError
+    from echobook.models.encoders import create_encoder, IMAGENET_MEAN
+    enc = create_encoder('vit_small_patch8_224.dino', size=32).eval()
+    assert (enc.spec.feature_dim, len(enc.blocks()), enc.spec.mean, enc.model.patch_embed.patch_size) == (384, 12, IMAGENET_MEAN, (8, 8))
+    with torch.no_grad(): assert enc(torch.rand(2, 3, 1, 32, 32) * 255).shape == (2, 384)
+    with pytest.raises(MissingWeightsError, match='vit_small_patch8_224.dino/model.safetensors'):
+        create_encoder('vit_small_patch8_224.dino', pretrained=True, weights_dir=tmp_path, size=32)
+
+
+def test_dinov2_feature_is_cls_and_mean_patch():
+    "DINOv2's feature is its class token ⊕ the mean of its patch tokens (HF Dinov2ForImageClassification's classifier input)."
+    import timm, torch
+    from echobook.models.encoders import create_encoder, IMAGENET_MEAN, IMAGENET_STD
+    from echobook.tasks.probing import build_probing_model
+    torch.manual_seed(0)
+    enc = create_encoder('vit_small_patch14_dinov2.lvd142m', size=42).eval()
+    ref = timm.create_model('vit_small_patch14_dinov2.lvd142m', pretrained=False, img_size=42).eval()
+    ref.load_state_dict(enc.model.state_dict())                 # the same weights in a separate timm model
+    x = torch.rand(3, 3, 1, 42, 42) * 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    with torch.no_grad():
+        tokens = ref.forward_features((x[:, :, 0] - mean) / std)   # (3, 1 + 9 patches, 384), after the final norm
+        want = torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], 1)
+        got = enc(x)
+    assert tokens.shape == (3, 10, 384) and got.shape == (3, 768) == (3, enc.spec.feature_dim)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got[:, 384:], tokens[:, 0], atol=1e-3)
+    with torch.device('meta'):
+        base = {p: create_encoder('vit_base_patch14_dinov2.lvd142m', pool=p) for p in ('cls', 'cls_mean')}
+        assert {p: e.spec.feature_dim for p, e in base.items()} == dict(cls=768, cls_mean=1536)
+        assert build_probing_model(create_encoder('vit_base_patch14_dinov2.lvd142m'), 10).head.in_features == 1536
+
+
+@pytest.mark.parametrize('table', ['probing_fig1', 'probing_fig2', 'probing_fig3', 'probing_fig4', 'probing_table3'])
+def test_resnet_is_trained_supervised(table):
+    "In every configuration of paper 002 the ResNet-50 is trained on the views (finetune), the probing figures included."
+    from echobook.config import load_table_config
+    from echobook.sweeps import expand_grid
+    cfg = load_table_config(table)
+    for profile in ('paper', 'tiny'):
+        confs = [c.params for c in expand_grid(cfg, profile)]
+        resnet = [p for p in confs if p['encoder'].startswith('resnet50')]
+        assert resnet and all(p['method'] == 'finetune' for p in resnet), (profile, resnet)
+        if table in ('probing_fig1', 'probing_fig2'):
+            assert all(p['method'] == 'probe' for p in confs if not p['encoder'].startswith('resnet50'))
+
+
 def test_probe_sequence_curve(tmp_path, views_dir, monkeypatch):
     "Linear probing, sequence-based, parameters given as strings (as `papermill -p` does): the curve rises with data."
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
@@ -68,6 +118,15 @@ def test_finetune_one_size(tmp_path, views_dir, monkeypatch):
     assert (fit/'checkpoint.pth').exists() and (fit/'best.pth').exists() and len(pd.read_csv(fit/'log.csv')) == 2
     m = json.loads((rd/'metrics.json').read_text())
     assert m['trainable_params'] == m['n_params'] > 0 and m['inference_ms'] > 0
+
+
+def test_pool_only_for_dinov2(tmp_path):
+    "The notebook's `pool` switch is refused, before any work, for an encoder without that choice."
+    import papermill as pm
+    with pytest.raises(pm.PapermillExecutionError, match='pool: only DINOv2'):
+        pm.execute_notebook(str(NB), str(tmp_path/'out.ipynb'), kernel_name='echobook', cwd=str(tmp_path), progress_bar=False,
+                            parameters=dict(encoder='resnet50.a1_in1k', pool='cls', run_dir=str(tmp_path/'run')))
+    assert not (tmp_path/'run').exists()
 
 
 def test_paper_profile_needs_data(tmp_path):
@@ -109,9 +168,9 @@ def test_reproduce_probing_and_finetuning(tmp_path, views_dir, monkeypatch):
     from echobook.tasks.probing_report import curves_figure, plot_tradeoff, table3
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     runs = tmp_path/'runs'
-    common = dict(size=32, seeds=2, n_aug=0, cache_dir=str(tmp_path/'cache'))
-    for table, sets in [('probing_fig2', dict(encoder='resnet50.a1_in1k')),
-                        ('probing_table3', dict(encoder='resnet50.a1_in1k', min_samples=64))]:
+    common = dict(seeds=2, n_aug=0, cache_dir=str(tmp_path/'cache'))
+    for table, sets in [('probing_fig2', dict(encoder='vit_small_patch14_dinov2.lvd142m', size=28)),
+                        ('probing_table3', dict(encoder='resnet50.a1_in1k', size=32, min_samples=64))]:
         plan = run_sweep(table, 'tiny', data=str(views_dir), overrides={**common, **sets}, runs=runs)
         assert (plan.state == 'done').all(), plan[['id', 'state', 'error']].to_string()
     folders = sorted(p.parent for p in runs.glob('probing_*/*/curve.csv'))

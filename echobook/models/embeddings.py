@@ -33,10 +33,11 @@ def embedding_key(encoder,           # an `Encoder` (name, size, frames from its
                   model_hash=None,   # identity of weights not from a file, e.g. `module_hash(segmenter)`
                   name=None, size=None, frames=None,  # override (or supply, for a plain module) the spec's values
                  ) -> tuple[str, dict]:
-    "(key, info): `stable_hash` of the encoder name, weights identity, input size, frames and data."
+    "(key, info): `stable_hash` of the encoder name, weights identity, input size, frames, pooling (if any) and data."
     spec = getattr(encoder, 'spec', None)
+    pool = getattr(spec, 'pool', '')
     info = dict(encoder=name or spec.name, weights=weights_identity(encoder, init_seed, model_hash),
-                size=size or spec.size, frames=frames or spec.frames, data=data)
+                size=size or spec.size, frames=frames or spec.frames, **({'pool': pool} if pool else {}), data=data)
     return stable_hash(info, 16), info
 
 # %% ../../nbs/02e_models.embeddings.ipynb #afbe74c4

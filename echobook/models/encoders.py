@@ -18,11 +18,11 @@ _weights_dir = weights_dir  # for functions whose `weights_dir` argument shadows
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'VIT_TAG', 'MVIT_BLOCKS', 'ECHOPRIME_MEAN', 'ECHOPRIME_STD', 'CLIP_MEAN', 'CLIP_STD',
-           'ECHOCLIP_REPO', 'ECHOCLIP_FILES', 'EncoderSpec', 'Encoder', 'register_encoder', 'list_encoders',
+           'POOLS', 'ECHOCLIP_REPO', 'ECHOCLIP_FILES', 'EncoderSpec', 'Encoder', 'register_encoder', 'list_encoders',
            'create_encoder', 'resnet18_2d__in1k', 'r3d_18__k400', 'vit_base_patch16_224__in21k', 'mvit_v2_s__k400',
            'mvit_v2_s__echoprime', 'panecho__panecho', 'vit_base_patch14_dinov2__lvd142m',
-           'vit_small_patch14_dinov2__lvd142m', 'vit_base_patch16_clip_224__openai', 'vit_base_patch16_224__mae',
-           'resnet50__a1_in1k', 'convnext_base__echoclip']
+           'vit_small_patch14_dinov2__lvd142m', 'vit_small_patch8_224__dino', 'vit_base_patch16_clip_224__openai',
+           'vit_base_patch16_224__mae', 'resnet50__a1_in1k', 'convnext_base__echoclip']
 
 # %% ../../nbs/02_models.encoders.ipynb #84e706ff
 @dataclass
@@ -43,6 +43,7 @@ class EncoderSpec:
     k_grid: tuple = ()           # the paper's freezing sweep (k = number of last blocks trainable)
     weights: str = ''            # weights file name
     source: str = ''             # where the weights come from
+    pool: str = ''               # how a ViT pools its tokens: 'cls', 'cls_mean' (CLS ⊕ mean patch token); '' the model's own output
     loaded_from: str = ''        # the weights file actually loaded ('' : random init; filled in by `Encoder`)
 
 # %% ../../nbs/02_models.encoders.ipynb #8bc03c71
@@ -103,12 +104,18 @@ class Encoder(nn.Module):
         _check_clip(x, self.spec)
         return (x.float() - self.mean) / self.std
 
+    def image_features(self, x):
+        "Features (N, D) of normalised images (N, 3, H, W): the backbone's output, or CLS ⊕ mean patch token ('cls_mean')."
+        if self.spec.pool != 'cls_mean': return self.model(x)
+        t = self.model.forward_features(x)  # (N, prefix + patch tokens, width), after the final norm
+        return torch.cat([t[:, 0], t[:, self.model.num_prefix_tokens:].mean(1)], 1)
+
     def embed_frames(self, x):
         "Per-frame features (B, T, D): image backbones per frame; video models that have them (PanEcho)."
         x = self.normalize(x)
         if self.spec.kind == 'image':
             b, c, t, h, w = x.shape
-            return self.model(x.transpose(1, 2).reshape(b * t, c, h, w)).view(b, t, -1)
+            return self.image_features(x.transpose(1, 2).reshape(b * t, c, h, w)).view(b, t, -1)
         if hasattr(self.model, 'forward_frames'): return self.model.forward_frames(x)
         raise NotImplementedError(f'{self.spec.name} is a video encoder without per-frame features')
 
@@ -312,27 +319,45 @@ def _timm_load(m, p, name):
     return load_strict(m, filt(sd, m) if filt is not None else sd, p, name)
 
 
-def _vit_encoder(tag, pretrained, weights_dir, size, frames, mean, std, native_size=224) -> Encoder:
+POOLS = ('cls', 'cls_mean')  # the pooling options of the ViT entries that offer a choice (DINOv2)
+
+
+def _vit_dim(m, pool) -> int:
+    "Feature size of timm ViT `m` pooled by `pool` ('cls_mean' doubles the token width; a head projects)."
+    if pool == 'cls_mean': return 2 * m.num_features
+    return m.num_classes or m.num_features
+
+
+def _vit_encoder(tag, pretrained, weights_dir, size, frames, mean, std, native_size=224, pool='') -> Encoder:
     "A timm ViT image encoder registered under its timm tag (architecture.pretrained_tag)."
     import timm
+    if pool not in ('', *POOLS): raise ValueError(f"{tag}: pool must be one of {POOLS}, got {pool!r}")
     p = _timm_file(tag, weights_dir, tag) if pretrained else None
     m = timm.create_model(tag, pretrained=False, img_size=size)
+    if pool == 'cls_mean' and m.num_classes: raise ValueError(f"{tag}: pool='cls_mean' needs a ViT without projection head")
     if p: _timm_load(m, p, tag)
-    spec = EncoderSpec(tag, frames, size, tuple(mean), tuple(std), m.num_classes or m.num_features, 'image', native_frames=1,
+    spec = EncoderSpec(tag, frames, size, tuple(mean), tuple(std), _vit_dim(m, pool), 'image', native_frames=1, pool=pool,
                        native_size=native_size, k_grid=(len(m.blocks),), weights=f'{tag}/model.safetensors', source=f'timm/{tag}')
     return Encoder(m, spec, [f'blocks.{i}' for i in range(len(m.blocks))], ['norm', 'head'])
 
 
 @register_encoder
-def vit_base_patch14_dinov2__lvd142m(pretrained=False, weights_dir=None, size=224, frames=16):
-    "DINOv2 ViT-B/14 (LVD-142M), class token after the final norm: 768-d."
-    return _vit_encoder('vit_base_patch14_dinov2.lvd142m', pretrained, weights_dir, size, frames, IMAGENET_MEAN, IMAGENET_STD, 518)
+def vit_base_patch14_dinov2__lvd142m(pretrained=False, weights_dir=None, size=224, frames=16,
+                                     pool='cls_mean'):  # 'cls_mean': CLS ⊕ mean patch token (paper 002's HF classifier), 'cls': class token
+    "DINOv2 ViT-B/14 (LVD-142M), tokens after the final norm: CLS ⊕ mean patch token 1536-d (pool='cls': 768-d)."
+    return _vit_encoder('vit_base_patch14_dinov2.lvd142m', pretrained, weights_dir, size, frames, IMAGENET_MEAN, IMAGENET_STD, 518, pool)
 
 
 @register_encoder
-def vit_small_patch14_dinov2__lvd142m(pretrained=False, weights_dir=None, size=224, frames=16):
-    "DINOv2 ViT-S/14 (LVD-142M): 384-d; a CPU-sized member of the DINOv2 family."
-    return _vit_encoder('vit_small_patch14_dinov2.lvd142m', pretrained, weights_dir, size, frames, IMAGENET_MEAN, IMAGENET_STD, 518)
+def vit_small_patch14_dinov2__lvd142m(pretrained=False, weights_dir=None, size=224, frames=16, pool='cls_mean'):
+    "DINOv2 ViT-S/14 (LVD-142M), a CPU-sized member of the family: CLS ⊕ mean patch token 768-d (pool='cls': 384-d)."
+    return _vit_encoder('vit_small_patch14_dinov2.lvd142m', pretrained, weights_dir, size, frames, IMAGENET_MEAN, IMAGENET_STD, 518, pool)
+
+
+@register_encoder
+def vit_small_patch8_224__dino(pretrained=False, weights_dir=None, size=224, frames=16):
+    "DINO ViT-S/8 (ImageNet-1k, self-supervised), class token after the final norm: 384-d (EchoApex-S's initialisation)."
+    return _vit_encoder('vit_small_patch8_224.dino', pretrained, weights_dir, size, frames, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @register_encoder
