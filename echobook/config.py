@@ -10,10 +10,12 @@ import yaml
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['TABLE_KEYS', 'PROFILE_KEYS', 'METRIC_KEYS', 'CITATION_KEYS', 'CITATION_TABLE_KEYS', 'repo_root', 'configs_root',
-           'runs_root', 'list_tables', 'show_path', 'read_yaml', 'check_keys', 'coerce_params', 'profile_path',
-           'read_profiles', 'load_profile', 'check_data_dir', 'notebook_parameters', 'parameter_defaults', 'grid_keys',
-           'check_table_config', 'notebook_path', 'table_config_path', 'load_table_config', 'load_citation']
+__all__ = ['TABLE_KEYS', 'PROFILE_KEYS', 'METRIC_KEYS', 'DEVIATION_KEYS', 'DEVIATION_OPTIONAL', 'DEVIATION_PROFILES',
+           'CITATION_KEYS', 'CITATION_TABLE_KEYS', 'repo_root', 'configs_root', 'runs_root', 'list_tables', 'show_path',
+           'read_yaml', 'check_keys', 'coerce_params', 'profile_path', 'read_profiles', 'load_profile',
+           'check_data_dir', 'notebook_parameters', 'parameter_defaults', 'grid_keys', 'check_table_config',
+           'notebook_path', 'table_config_path', 'load_table_config', 'check_deviation', 'check_deviations',
+           'citation_path', 'list_citations', 'read_citation', 'load_citation']
 
 # %% ../nbs/00a_config.ipynb #d8d0a5b6
 def repo_root() -> Path:
@@ -313,31 +315,90 @@ def load_table_config(table,             # a table name (see `list_tables()`) or
                           + f"; available: {', '.join(list_tables(configs_dir)) or 'none'}")
     return check_table_config(read_yaml(p), p)
 
-# %% ../nbs/00a_config.ipynb #b1c1aab0
+# %% ../nbs/00a_config.ipynb #c7424810
+DEVIATION_KEYS = ('what', 'paper', 'ours', 'why', 'switch')   # required, non-empty text
+DEVIATION_OPTIONAL = ('tables', 'profile')
+DEVIATION_PROFILES = ('tiny', 'paper', 'all')
+
+def _check_tables(names, where, known) -> list[str]:
+    "`tables` of a deviation: a non-empty list of table config names (checked against `known` when given)."
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f'{where}: tables: expected a non-empty list of table config names, got {names!r}')
+    for n in names:
+        if known and n not in known:
+            close = difflib.get_close_matches(n, list(known), n=1)
+            raise ConfigError(f'{where}: tables: {n!r} is not a table config' + (f' (did you mean {close[0]!r}?)' if close else ''))
+    return list(names)
+
+def check_deviation(entry,          # one item of a `deviations` list
+                    where: str,     # 'file: deviations[i]' for messages
+                    known=None,     # table config names `tables` may use (None: not checked)
+                   ) -> dict:
+    "One deviation checked and normalised: the five texts, `tables` (list or None) and `profile` (default 'all')."
+    if not isinstance(entry, dict):
+        raise ConfigError(f'{where}: expected a mapping with keys {", ".join(DEVIATION_KEYS)} (plain strings are no longer accepted), got {entry!r}')
+    check_keys(entry, DEVIATION_KEYS + DEVIATION_OPTIONAL, where)
+    for k in DEVIATION_KEYS:
+        if k not in entry: raise ConfigError(f'{where}: missing key {k!r}')
+        if not isinstance(entry[k], str) or not entry[k].strip(): raise ConfigError(f'{where}: {k}: expected a non-empty text, got {entry[k]!r}')
+    sw = entry['switch'].strip()
+    if sw.lower().startswith('none') and not sw.lower().startswith('none:') or sw.lower().rstrip(': ') == 'none':
+        raise ConfigError(f"{where}: switch: write 'none: <the reason>' when no parameter restores the paper's choice, got {sw!r}")
+    prof = entry.get('profile', 'all')
+    if prof not in DEVIATION_PROFILES: raise ConfigError(f"{where}: profile: {prof!r} is not one of {', '.join(DEVIATION_PROFILES)}")
+    tables = _check_tables(entry['tables'], where, known) if entry.get('tables') is not None else None
+    return {**{k: ' '.join(entry[k].split()) for k in DEVIATION_KEYS}, 'tables': tables, 'profile': prof}
+
+def check_deviations(x, where: str, known=None) -> list[dict]:
+    "A `deviations` list checked entry by entry (see `check_deviation`); None is an empty list."
+    if x is None: return []
+    if not isinstance(x, list): raise ConfigError(f'{where}: expected a list of deviations (mappings with {", ".join(DEVIATION_KEYS)})')
+    return [check_deviation(e, f'{where}[{i}]', known) for i, e in enumerate(x)]
+
+# %% ../nbs/00a_config.ipynb #d0b58bba
 CITATION_KEYS = ('paper', 'code', 'tables', 'deviations')
 CITATION_TABLE_KEYS = ('source', 'caption', 'units', 'rows', 'extra_rows', 'deviations')
 
-def _as_list(x, where) -> list:
-    "A `deviations` entry as a list of strings."
-    if x is None: return []
-    if isinstance(x, str): return [x]
-    if not isinstance(x, list): raise ConfigError(f'{where}: expected a list of strings')
-    return [str(s) for s in x]
+def citation_path(file, configs_dir=None) -> Path:
+    "The citations file `file`: a YAML path, else `<configs>/citations/<file>.yaml`."
+    return Path(file) if Path(file).suffix in ('.yaml', '.yml') else configs_root(configs_dir)/'citations'/f'{file}.yaml'
+
+def list_citations(configs_dir=None) -> list[str]:
+    "Names of the citations files in `<configs>/citations/`."
+    return sorted(p.stem for p in (configs_root(configs_dir)/'citations').glob('*.yaml'))
+
+def read_citation(file,              # citations file: a name in configs/citations/ (e.g. 'paper000') or a path
+                  configs_dir=None,  # configs folder (default `configs_root()`)
+                 ) -> dict:
+    "The checked citations file: {'paper', 'code', 'file', 'tables', 'deviations'}, every deviation normalised."
+    p = citation_path(file, configs_dir)
+    doc, where = read_yaml(p), show_path(p)
+    check_keys(doc, CITATION_KEYS, where)
+    known = list_tables(p.parent.parent) if p.parent.name == 'citations' else []
+    tables = doc.get('tables') or {}
+    if not isinstance(tables, dict): raise ConfigError(f'{where}: tables: expected a mapping {{name: table}}')
+    out = {}
+    for name, t in tables.items():
+        t = dict(t or {})
+        check_keys(t, CITATION_TABLE_KEYS, f'{where}: tables.{name}')
+        t['deviations'] = [{**d, 'citation': p.stem, 'scope': name}
+                           for d in check_deviations(t.get('deviations'), f'{where}: tables.{name}.deviations', known)]
+        out[name] = t
+    devs = [{**d, 'citation': p.stem, 'scope': None} for d in check_deviations(doc.get('deviations'), f'{where}: deviations', known)]
+    return {'paper': doc.get('paper'), 'code': doc.get('code'), 'file': str(p), 'tables': out, 'deviations': devs}
 
 def load_citation(file,              # citations file: a name in configs/citations/ (e.g. 'paper000') or a path
                   table,             # a table of that file (e.g. 'table3')
                   configs_dir=None,  # configs folder (default `configs_root()`)
                  ) -> dict:
     "Table `table` quoted in citations `file`: {'paper', 'file', 'table', 'source', 'caption', 'rows', 'extra_rows', 'deviations', ...}."
-    p = Path(file) if Path(file).suffix in ('.yaml', '.yml') else configs_root(configs_dir)/'citations'/f'{file}.yaml'
-    doc, where = read_yaml(p), show_path(p)
-    check_keys(doc, CITATION_KEYS, where)
-    tables = doc.get('tables') or {}
+    doc = read_citation(file, configs_dir)
+    tables = doc['tables']
     if table not in tables:
         close = difflib.get_close_matches(str(table), list(tables), n=1)
-        raise ConfigError(f"{where}: no table {table!r}" + (f' (did you mean {close[0]!r}?)' if close else '') + f"; tables: {', '.join(tables)}")
-    t = tables[table] or {}
-    check_keys(t, CITATION_TABLE_KEYS, f'{where}: tables.{table}')
-    devs = _as_list(doc.get('deviations'), f'{where}: deviations') + _as_list(t.get('deviations'), f'{where}: tables.{table}.deviations')
-    return {'paper': doc.get('paper'), 'file': str(p), 'table': table, 'source': t.get('source', table), 'caption': t.get('caption'),
-            'units': t.get('units') or {}, 'rows': t.get('rows') or [], 'extra_rows': t.get('extra_rows') or [], 'deviations': devs}
+        raise ConfigError(f"{show_path(doc['file'])}: no table {table!r}" + (f' (did you mean {close[0]!r}?)' if close else '')
+                          + f"; tables: {', '.join(tables)}")
+    t = tables[table]
+    return {'paper': doc['paper'], 'file': doc['file'], 'table': table, 'source': t.get('source', table), 'caption': t.get('caption'),
+            'units': t.get('units') or {}, 'rows': t.get('rows') or [], 'extra_rows': t.get('extra_rows') or [],
+            'deviations': doc['deviations'] + t['deviations']}

@@ -83,9 +83,11 @@ def configs(tmp_path):
     (tmp_path/'profiles'/'toy.yaml').write_text('task: toy\ndescription: a toy task\n'
                                                 'defaults: {lr: 0.0005, epochs: 100, augment: true, workers: null}\n'
                                                 'profiles:\n  tiny: {lr: 1e-4, epochs: 12}\n  paper: {}\n')
-    (tmp_path/'citations'/'paperX.yaml').write_text('paper: X et al.\ndeviations: [phantom data in the tiny profile]\n'
-                                                    'tables:\n  t1:\n    source: Table 1\n    rows: [{k: 1, dice: [90.1, 2.0]}]\n'
-                                                    '    deviations: [fewer epochs]\n')
+    (tmp_path/'citations'/'paperX.yaml').write_text(
+        'paper: X et al.\ndeviations:\n'
+        '  - {what: phantom data, paper: real data (line 1), ours: a phantom, why: no data here, switch: --data DIR, profile: tiny}\n'
+        'tables:\n  t1:\n    source: Table 1\n    rows: [{k: 1, dice: [90.1, 2.0]}]\n    deviations:\n'
+        "      - {what: fewer epochs, paper: 100 (line 2), ours: '12', why: CPU, switch: '-p epochs 100'}\n")
     return tmp_path
 
 
@@ -112,10 +114,42 @@ def test_check_data_dir(tmp_path):
 def test_load_citation(configs):
     c = load_citation('paperX', 't1', configs)
     assert c['source'] == 'Table 1' and c['rows'] == [{'k': 1, 'dice': [90.1, 2.0]}] and c['paper'] == 'X et al.'
-    assert c['deviations'] == ['phantom data in the tiny profile', 'fewer epochs']
+    assert [(d['what'], d['ours'], d['profile'], d['scope'], d['tables']) for d in c['deviations']] == [
+        ('phantom data', 'a phantom', 'tiny', None, None), ('fewer epochs', '12', 'all', 't1', None)]
     with pytest.raises(ConfigError, match="paperX.yaml: no table 't2'"): load_citation('paperX', 't2', configs)
     (configs/'citations'/'paperX.yaml').write_text('paper: X\ntables:\n  t1: {sorce: Table 1}\n')
     with pytest.raises(ConfigError, match="paperX.yaml: tables.t1: unknown key 'sorce' \\(did you mean 'source'\\?\\)"): load_citation('paperX', 't1', configs)
     for f in configs_root().glob('citations/*.yaml'):                                # every shipped citations file reads
         import yaml
         for t in yaml.safe_load(f.read_text())['tables']: assert load_citation(f.stem, t)['source']
+
+
+DEV = "{what: w, paper: p (line 1), ours: o, why: y, switch: s}"
+
+@pytest.mark.parametrize('entry, message', [
+    ('fewer epochs', r'deviations\[1\]: expected a mapping .*plain strings are no longer accepted'),
+    ('{what: w, paper: p, ours: o, switch: s}', r"deviations\[1\]: missing key 'why'"),
+    ("{what: w, paper: p, ours: '', why: y, switch: s}", r'deviations\[1\]: ours: expected a non-empty text'),
+    ('{what: w, paper: p, ours: o, why: y, swich: s}', r"deviations\[1\]: unknown key 'swich' \(did you mean 'switch'\?\)"),
+    ('{what: w, paper: p, ours: o, why: y, switch: none}', r"deviations\[1\]: switch: write 'none: <the reason>'"),
+    ('{what: w, paper: p, ours: o, why: y, switch: s, profile: cpu}', r"deviations\[1\]: profile: 'cpu' is not one of tiny, paper, all"),
+    ('{what: w, paper: p, ours: o, why: y, switch: s, tables: table3}', r'deviations\[1\]: tables: expected a non-empty list'),
+])
+def test_deviation_schema(configs, entry, message):
+    "A bad deviation, file-level or per table, names the file, where it is, its index and the key."
+    f = configs/'citations'/'paperX.yaml'
+    f.write_text(f'paper: X\ndeviations: [{DEV}, {entry}]\ntables:\n  t1: {{source: Table 1}}\n')
+    with pytest.raises(ConfigError, match=r'paperX.yaml: ' + message): load_citation('paperX', 't1', configs)
+    f.write_text(f'paper: X\ntables:\n  t1:\n    source: Table 1\n    deviations: [{DEV}, {entry}]\n')
+    with pytest.raises(ConfigError, match=r'paperX.yaml: tables.t1.' + message): load_citation('paperX', 't1', configs)
+
+
+def test_deviation_tables_are_table_configs(configs):
+    "`tables` names are checked against the table configs beside the citations folder (a typo would apply nowhere)."
+    (configs/'table3.yaml').write_text('notebook: x.ipynb\ngrid: {k: [1]}\n')
+    f = configs/'citations'/'paperX.yaml'
+    f.write_text(f"paper: X\ndeviations: [{DEV[:-1]}, tables: [tabel3]}}]\ntables:\n  t1: {{source: Table 1}}\n")
+    with pytest.raises(ConfigError, match=r"paperX.yaml: deviations\[0\]: tables: 'tabel3' is not a table config \(did you mean 'table3'\?\)"):
+        load_citation('paperX', 't1', configs)
+    f.write_text(f"paper: X\ndeviations: [{DEV[:-1]}, tables: [table3]}}]\ntables:\n  t1: {{source: Table 1}}\n")
+    assert load_citation('paperX', 't1', configs)['deviations'][0]['tables'] == ['table3']
