@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export NO_ALBUMENTATIONS_UPDATE=1
 export PYTHONUNBUFFERED=1
 
-.PHONY: env demo test test-learning test-fast export clean-nbs docs bench
+.PHONY: env demo test test-learning test-fast export clean-nbs docs bench book
 env:
 	@bash tools/setup_env.sh
 
@@ -27,6 +27,13 @@ export: env
 
 docs: env
 	$(BIN)/echobook docs --preview
+
+# the book: every table's tiny reproduction (finished runs reused, interrupted ones resumed), the results pages and
+# the landing page executed with their outputs, then the site (Quarto via nbdev_docs) or the offline preview.
+# `make book TABLES="table4 fig2"` reproduces only those tables (every page is still executed).
+TABLES ?=
+book: env
+	$(BIN)/python -c "from echobook.docs import build_book; raise SystemExit(build_book('$(TABLES)'.split() or None))"
 
 bench: env
 	$(BIN)/echobook bench

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 # %% auto #0
-__all__ = ['COMMANDS', 'RENAMED', 'Kind', 'Policy', 'command', 'option', 'command_options', 'build_parser',
+__all__ = ['COMMANDS', 'RENAMED', 'Kind', 'Policy', 'InspectPolicy', 'command', 'option', 'command_options', 'build_parser',
            'quiet_library_warnings', 'user_error', 'main', 'cmd_phantom', 'cmd_inspect', 'cmd_prepare',
            'run_experiment', 'demo_table', 'cmd_demo', 'cmd_reproduce', 'cmd_runs', 'cmd_table', 'cmd_docs',
            'cmd_bench', 'cmd_dfkd_complexity', 'cmd_afd', 'cmd_ef_embed']
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
 
 # %% ../nbs/11_cli.ipynb #b469eb75
 Kind = Literal['auto', 'echonet', 'views', 'camus']
-Policy = Literal['exclude-video', 'drop-frames']
+Policy = Literal['exclude-video', 'drop-frames']     # landmark policies (traced frames without 21 lines)
+InspectPolicy = Literal['exclude-video', 'drop-frames', 'finite-ef']  # + EF tasks: every video with a finite EF
 
 @command
 def cmd_phantom(out:str,                                          # output folder
@@ -131,7 +132,7 @@ def cmd_phantom(out:str,                                          # output folde
 def cmd_inspect(data_dir:str,               # dataset folder
                 kind:Kind='auto',           # dataset kind (auto: from the folder's layout)
                 json:bool=False,            # print the full report as JSON
-                policy:Policy='exclude-video',  # echonet: traced frames without 21 lines
+                policy:InspectPolicy='exclude-video',  # echonet: landmark policy, or finite-ef (EF tasks)
                 no_video_check:bool=False,  # do not open the video files (faster)
                ):
     "Data-quality report of a dataset: counts, exclusions with reasons, ED/ES, areas, EFs."
@@ -200,7 +201,7 @@ def cmd_demo(root:str='runs',                 # folder for the phantom data, cac
     print(demo_table(metrics).to_string())
     print(f'\nrun folder: {out}   (total {time.time() - t0:.0f} s)')
 
-# %% ../nbs/11_cli.ipynb #42ced72d
+# %% ../nbs/11_cli.ipynb #90a0c7ac
 @command
 def cmd_reproduce(table:str,                       # table/figure config: a name from configs/ (e.g. table3) or a YAML path
                   profile:str='tiny',              # 'tiny' (random init, phantom, CPU) or 'paper' (needs --data)
@@ -242,7 +243,7 @@ def cmd_table(table:str,                                   # table/figure config
               runs:str|None=None,                          # runs root (default: $ECHOBOOK_RUNS or <repo>/runs)
               fmt:Annotated[Literal['md', 'csv', 'html'], dict(flag='--format')]='md',  # output format
              ):
-    "Rebuild a paper table or figure from its run folders and print it (ours beside the paper's, cited)."
+    "Rebuild a paper table or figure from its run folders and print it (ours beside the paper's, cited; the deviations below)."
     from echobook.results import print_table
     return print_table(table, runs, fmt)
 
@@ -295,11 +296,14 @@ def _csv(text, cast=str) -> list|None:
 # %% ../nbs/11_cli.ipynb #0a4334a1
 @command
 def cmd_dfkd_complexity(sizes:list[int]=(56, 112),  # frame sizes
-                        no_skips:bool=False,        # decoder without U-Net skip connections
+                        skips:bool=False,           # decoder with U-Net skip connections (not in the reference student)
+                        relu:bool=False,            # ReLU between blocks (not in the reference student)
+                        residual:Literal['last', 'all', 'none']='last',  # block residuals (paper 004 §3.7: the best model has one on the last block)
                        ):
-    "Parameters and GMACs/GFLOPs per frame of every EchoDFKD student (B blocks × l layers)."
+    "Parameters and GMACs/GFLOPs per frame of every EchoDFKD student (B blocks × l layers); default: the reference student."
     from echobook.tasks.dfkd import student_complexity
-    print(student_complexity(sizes=tuple(sizes), skips=not no_skips).round(4).to_string(index=False))
+    t = student_complexity(sizes=tuple(sizes), skips=skips, relu=relu, residual=None if residual == 'none' else residual)
+    print(t.round(4).to_string(index=False))
 
 @command
 def cmd_afd(data_dir:str,              # EchoNet-format folder (FileList.csv, VolumeTracings.csv)

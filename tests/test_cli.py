@@ -138,3 +138,25 @@ def test_every_command_finds_what_it_calls():
             mod = importlib.import_module(node.module)
             missing += [f'{node.module}.{a.name}' for a in node.names if not hasattr(mod, a.name)]
     assert not missing, missing
+
+
+def test_table_prints_the_deviations(tmp_path, capsys):
+    "`echobook table table3` prints the paper's numbers, then every deviation of paper 000 that applies to Table 3."
+    from echobook.tables import table_deviations
+    assert main(['table', 'table3', '--runs', str(tmp_path/'runs')]) == 0
+    out = capsys.readouterr().out
+    devs = table_deviations('table3')
+    assert devs and 'Deviations from the paper' in out and out.index('Deviations from the paper') > out.index('93.13 ± 3.11')
+    for d in devs: assert d['what'] in out and d['switch'].split()[0] in out
+    assert 'EchoNet baseline not run' not in out                     # an entry of Table 2 only
+
+
+def test_dfkd_complexity_reports_the_reference_student(capsys):
+    "Paper 004, Table 2: the best student (B, l) = (4, 1) has 0.72 M parameters; the CLI's default is that student."
+    assert main(['dfkd-complexity', '--sizes', '56']) == 0
+    rows = [l.split() for l in capsys.readouterr().out.splitlines()]
+    params = {(int(r[0]), int(r[1])): int(r[2]) for r in rows[1:]}
+    assert abs(params[(4, 1)] - 0.72e6) / 0.72e6 < 0.015, params[(4, 1)]
+    assert main(['dfkd-complexity', '--sizes', '56', '--skips', '--relu', '--residual', 'none']) == 0
+    rows = [l.split() for l in capsys.readouterr().out.splitlines()]
+    assert int(rows[1:][12][2]) > params[(4, 1)]   # the U-Net variant of (4, 1) is larger
