@@ -159,6 +159,13 @@ def _sign_patterns(n, n_perm, seed):
     if n <= 16: return 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1), True
     return np.random.default_rng(seed).choice([-1, 1], (n_perm, n)), False
 
+def _paired_differences(a, b, alternative):
+    "The paired values without NaNs and their differences a − b (at least 2 pairs; a known alternative)."
+    _check_alternative(alternative)
+    a, b = _paired(a, b)
+    if len(a) < 2: raise ValueError(f'need at least 2 paired values, got {len(a)}')
+    return a, b, a - b
+
 def paired_permutation_test(a,                 # per-video metric of model A
                             b,                 # per-video metric of model B, same videos
                             alternative='two-sided',  # 'two-sided', 'greater' (mean a − b > 0) or 'less'
@@ -166,10 +173,7 @@ def paired_permutation_test(a,                 # per-video metric of model A
                             seed=0,            # RNG seed of the patterns
                            ) -> float:
     "p-value of the paired sign-flip permutation test of the mean difference a − b."
-    _check_alternative(alternative)
-    a, b = _paired(a, b)
-    d = a - b
-    if len(d) < 2: raise ValueError(f'need at least 2 paired values, got {len(d)}')
+    a, b, d = _paired_differences(a, b, alternative)
     signs, exact = _sign_patterns(len(d), n_perm, seed)
     null, obs, adj = (signs * d).mean(1), d.mean(), 0 if exact else 1
     tol = 1e-12 * max(abs(obs), 1e-300)                             # ties of floating-point means count as equal
@@ -188,10 +192,7 @@ def paired_test(a,             # per-video metric of model A
                 seed=0,        # RNG seed for the bootstrap and the permutations
                ) -> dict:
     "Paired comparison: n, means, mean difference a − b with 95 % bootstrap CI, Wilcoxon, paired-t and permutation p-values."
-    _check_alternative(alternative)
-    a, b = _paired(a, b)
-    d = a - b
-    if len(d) < 2: raise ValueError(f'need at least 2 paired values, got {len(d)}')
+    a, b, d = _paired_differences(a, b, alternative)
     lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
     null = np.all(d == 0)
     return dict(n=len(d), mean_a=a.mean(), mean_b=b.mean(), mean_diff=d.mean(), ci_lo=lo, ci_hi=hi, alternative=alternative,
