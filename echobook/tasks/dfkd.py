@@ -61,7 +61,8 @@ def prepare_teacher(teacher_dir,      # shared folder: checkpoint.pth, best.pth,
         mean, std = channel_stats(train, grey=config['arch'] == 'unet')
         seg = build_segmenter(config['arch'], config['size'], mean=mean, std=std, seed=config['seed'])
         fit(seg, train, valid, teacher_dir, config=config, epochs=config['epochs'], loss_func=segmentation_loss(dice=False),
-            lr=config['lr'], batch_size=config['batch_size'], seed=config['seed'], device=device, progress=progress)
+            lr=config['lr'], batch_size=config['batch_size'], seed=config['seed'], device=device, progress=progress,
+            devices=config.get('devices', 1), workers=config.get('workers', 0))
         atomic_write_json(teacher_dir/'teacher.json', dict(config=config, spec=seg.spec, train_frames=len(train),
                                                            params=sum(p.numel() for p in seg.parameters())))
         return seg.eval()

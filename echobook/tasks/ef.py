@@ -224,7 +224,7 @@ def train_ef_decoder(z_train, y_train,            # (N, T, D) embeddings and EF 
                     ef_init=float(np.mean(ef_check(y_train)))).fit_stats(z_train)
     fit(dec, _tensor_ds(z_train, y_train), _tensor_ds(z_valid, ef_check(y_valid)), folder, config=config, epochs=epochs,
         loss_func=ef_mse, lr=lr, batch_size=batch_size, opt='adamw', weight_decay=weight_decay, seed=seed, device=device,
-        metrics=[ef_mae], progress=progress)
+        metrics=[ef_mae], progress=progress, devices=config.get('devices', 1), workers=config.get('workers', 0))
     return dec.eval(), read_log(folder)
 
 # %% ../../nbs/06a_tasks.ef.ipynb #24d0a604
@@ -292,7 +292,7 @@ def train_lv_segmenter(scan, train, valid, folder, config, size=112, base=16, ep
     frames = lambda rows: TracedFrames([recs[n] for n in rows.FileName], size)
     fit(seg, frames(train), frames(valid), folder, config=config,
         epochs=epochs, loss_func=segmentation_loss(), lr=lr, batch_size=batch_size, opt='adamw', weight_decay=1e-4, seed=seed,
-        device=device, progress=progress, schedule='cosine')
+        device=device, progress=progress, schedule='cosine', devices=config.get('devices', 1), workers=config.get('workers', 0))
     return seg.eval(), read_log(folder)
 
 def predict_areas(seg, video, batch_size=64) -> np.ndarray:

@@ -37,14 +37,16 @@ def pretrain_mae(mae, train_ds, valid_ds, folder, config, epochs=10, batch_size=
                  device=None, progress=False) -> pd.DataFrame:
     "Masked-autoencoder pretraining on the clips of `train_ds` (targets ignored); AdamW, cosine schedule. Returns the log."
     fit(mae, _Unlabelled(train_ds), _Unlabelled(valid_ds), folder, config=config, epochs=epochs, loss_func=mae_loss, lr=lr,
-        batch_size=batch_size, opt='adamw', weight_decay=weight_decay, seed=seed, device=device, progress=progress, schedule='cosine')
+        batch_size=batch_size, opt='adamw', weight_decay=weight_decay, seed=seed, device=device, progress=progress, schedule='cosine',
+        devices=config.get('devices', 1), workers=config.get('workers', 0))
     return read_log(folder)
 
 def finetune_vivit(model, train_ds, valid_ds, folder, config, epochs=10, batch_size=8, lr=1e-4, weight_decay=0.05, seed=0,
                    device=None, progress=False) -> pd.DataFrame:
     "Fine-tune a `ViViT` regressor (MSE on EF, AdamW, cosine schedule, best validation epoch). Returns the log."
     fit(model, train_ds, valid_ds, folder, config=config, epochs=epochs, loss_func=ef_mse, lr=lr, batch_size=batch_size, opt='adamw',
-        weight_decay=weight_decay, seed=seed, device=device, metrics=[ef_mae], progress=progress, schedule='cosine')
+        weight_decay=weight_decay, seed=seed, device=device, metrics=[ef_mae], progress=progress, schedule='cosine',
+        devices=config.get('devices', 1), workers=config.get('workers', 0))
     return read_log(folder)
 
 def predict_video_ef(model, ds, batch_size=16) -> np.ndarray:

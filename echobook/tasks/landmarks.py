@@ -4,6 +4,7 @@
 
 # %% ../../nbs/06_tasks.landmarks.ipynb #b122f0cf
 from __future__ import annotations
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,9 @@ from ..evaluation import landmark_metrics, mean_shape_metrics, summarize
 from ..training import EncoderHead, fit, predict
 
 # %% auto #0
-__all__ = ['HEAD_INITS', 'landmark_datasets', 'mean_shape_normalised', 'build_landmark_model', 'landmark_loss', 'train_landmarks',
-           'predict_keypoints', 'targets_112', 'evaluate_landmarks', 'keypoints_frame']
+__all__ = ['HEAD_INITS', 'AUGMENT_ON', 'landmark_datasets', 'mean_shape_normalised', 'build_landmark_model', 'landmark_loss',
+           'augment_where', 'train_landmarks', 'predict_keypoints', 'targets_112', 'evaluate_landmarks',
+           'keypoints_frame']
 
 # %% ../../nbs/06_tasks.landmarks.ipynb #b94374a1
 def landmark_datasets(cache_dir, fraction=1.0, seed=0, size=224, augment=False):
@@ -54,12 +56,26 @@ def build_landmark_model(encoder='mvit_v2_s.echoprime', head='gcn', k=16, pretra
 # %% ../../nbs/06_tasks.landmarks.ipynb #68f1303d
 def landmark_loss(pred, target): return nn.functional.mse_loss(pred.float(), target.float())
 
-def train_landmarks(model, train, valid, folder, cfg: dict, device=None, progress=True):
+AUGMENT_ON = ('loader', 'batch')
+
+def augment_where(train, cfg: dict, cbs=()) -> tuple:
+    "(training set, callbacks) for `cfg['augment_on']`: 'loader' augments in the dataset, 'batch' on the batch's device."
+    where = cfg.get('augment_on', 'loader')
+    if where not in AUGMENT_ON: raise ValueError(f'augment_on must be one of {AUGMENT_ON}, got {where!r}')
+    if where == 'loader' or not cfg.get('augment', True): return train, list(cbs)
+    from echobook.data.batch_augment import BatchAugment
+    if getattr(train, 'augment', False) or getattr(train, 'tf', None) is not None:   # never augment twice
+        train = copy.copy(train); train.augment, train.tf = False, None
+    return train, [*cbs, BatchAugment(size=cfg['size'])]
+
+def train_landmarks(model, train, valid, folder, cfg: dict, device=None, progress=True, cbs=()):
     "Fit `model` with the settings of `cfg` (a `load_profile('landmarks', …)` dict plus the run's keys) through `fit`."
+    train, cbs = augment_where(train, cfg, cbs)
     return fit(model, train, valid, folder, config=cfg, epochs=cfg['epochs'], loss_func=landmark_loss, lr=cfg['lr'],
                batch_size=cfg['batch_size'], opt='adam', warmup_epochs=cfg['warmup_epochs'],
                plateau=dict(factor=cfg['factor'], patience=cfg['patience']), seed=cfg.get('seed', 0),
-               workers=cfg['workers'], device=device, precision=cfg.get('precision', 'auto'), progress=progress)
+               workers=cfg.get('workers'), device=device, devices=cfg.get('devices', 1),
+               precision=cfg.get('precision', 'auto'), progress=progress, cbs=cbs)
 
 # %% ../../nbs/06_tasks.landmarks.ipynb #978a398a
 def predict_keypoints(model, ds, batch_size=20, device=None) -> np.ndarray:

@@ -257,7 +257,8 @@ def finetune(model,            # encoder + head (`build_probing_model`), all par
     "Full fine-tuning through `training.fit` (AdamW, lr linearly to 0, gradients clipped at 1); returns the fit's log."
     for p in model.parameters(): p.requires_grad_(True)
     fit(model, train_ds, None, folder, config=config, epochs=epochs, loss_func=nn.CrossEntropyLoss(), lr=lr, batch_size=batch_size,
-        opt='adamw', schedule='linear', grad_clip=1., seed=seed, device=device, progress=progress)
+        opt='adamw', schedule='linear', grad_clip=1., seed=seed, device=device, progress=progress,
+        devices=config.get('devices', 1), workers=config.get('workers', 0))
     return read_log(folder)
 
 # %% ../../nbs/06c_tasks.probing.ipynb #1839da62
