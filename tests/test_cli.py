@@ -160,3 +160,23 @@ def test_dfkd_complexity_reports_the_reference_student(capsys):
     assert main(['dfkd-complexity', '--sizes', '56', '--skips', '--relu', '--residual', 'none']) == 0
     rows = [l.split() for l in capsys.readouterr().out.splitlines()]
     assert int(rows[1:][12][2]) > params[(4, 1)]   # the U-Net variant of (4, 1) is larger
+
+
+def test_gpu_check_calls_the_bench(monkeypatch, tmp_path, capsys):
+    "`echobook gpu-check --device cpu --reduced --out DIR` calls echobook.bench.gpu_check.gpu_check(device, out, reduced)."
+    import echobook.bench.gpu_check as gc
+    calls = []
+    monkeypatch.setattr(gc, 'gpu_check', lambda device, out, reduced: calls.append((device, out, reduced)) or Path(out)/'report.md')
+    assert main(['gpu-check', '--device', 'cpu', '--reduced', '--out', str(tmp_path)]) == 0
+    assert calls == [('cpu', str(tmp_path), True)] and 'report.md' in capsys.readouterr().out
+
+
+def test_reproduce_smoke_and_dry_run_options(monkeypatch):
+    "--smoke / --steps / --limit / --device / --max-batch reach `reproduce`; --smoke needs --profile paper."
+    import echobook.sweeps as sw
+    seen = {}
+    monkeypatch.setattr(sw, 'reproduce', lambda table, **kw: seen.update(kw, table=table) or 0)
+    assert main(['reproduce', 'table3', '--profile', 'paper', '--smoke', '--steps', '2', '--limit', '1', '--device', 'cpu']) == 0
+    assert (seen['table'], seen['smoke'], seen['steps'], seen['limit'], seen['device'], seen['max_batch']) == ('table3', True, 2, 1, 'cpu', None)
+    monkeypatch.undo()
+    assert main(['reproduce', 'table3', '--smoke']) == 2          # tiny profile: a user error, one line
