@@ -12,9 +12,11 @@ from .config import load_table_config, runs_root, show_path
 from .tables import collect_results, metric_spec, build_table, table_citation, _label, to_html, table_deviations, deviations_markdown
 
 # %% auto #0
-__all__ = ['figure_data', 'data_efficiency_figure', 'k_sweep_figure', 'plotly_figure', 'build_figure', 'show_results',
-           'probing_figures', 'print_table', 'provenance', 'deviations_text', 'show_deviations', 'show_provenance',
-           'results_page', 'write_results_pages', 'paper_summary']
+__all__ = ['ALPHA', 'PAIRS', 'BASELINE_WORDS', 'figure_data', 'data_efficiency_figure', 'k_sweep_figure', 'plotly_figure',
+           'build_figure', 'show_results', 'probing_figures', 'print_table', 'MissingOutput', 'landmark_pairs',
+           'ef_pairs', 'dfkd_pairs', 'probing_pairs', 'baseline_metrics', 'baseline_tests', 'baseline_caption',
+           'show_baseline_tests', 'fake_item_run', 'provenance', 'deviations_text', 'show_deviations',
+           'show_provenance', 'results_page', 'write_results_pages', 'paper_summary']
 
 # %% ../nbs/08b_results.ipynb #068e1acf
 def figure_data(table, runs=None) -> tuple[dict, pd.DataFrame]:
@@ -185,6 +187,199 @@ def print_table(table,       # table/figure config name (e.g. table3) or YAML pa
     print('\n'.join(out))
     return 0
 
+# %% ../nbs/08b_results.ipynb #3e82c2c3
+ALPHA = 0.05   # one-sided level at which a run "beats its baseline"
+
+class MissingOutput(FileNotFoundError):
+    "A per-item output a paired test needs is not in the run folder; the message names the file."
+
+def _per_item(d, name, cols=()) -> pd.DataFrame:
+    "Per-item file `name` of run folder `d` with columns `cols`; `MissingOutput` naming it when absent or incomplete."
+    p = Path(d)/name
+    if not p.exists(): raise MissingOutput(f'`{show_path(p)}` is missing (a run of older code, or its evaluation did not finish)')
+    df = pd.read_csv(p)
+    if lack := [c for c in cols if c not in df]: raise MissingOutput(f'`{show_path(p)}` has no column {", ".join(map(repr, lack))}')
+    return df
+
+def _pairs(model: pd.Series, baseline: pd.Series) -> pd.DataFrame:
+    "Item-aligned (item, model, baseline) values, items present in both."
+    a, b = model.astype(float).align(baseline.astype(float), join='inner')
+    return pd.DataFrame(dict(item=a.index, model=a.to_numpy(), baseline=b.to_numpy()))
+
+# %% ../nbs/08b_results.ipynb #8411e748
+def _rebuilt_mean_shape(d: Path) -> pd.DataFrame:
+    "The mean-shape baseline per test video of landmark run `d`, rebuilt from its clip cache and checked against its metrics."
+    from echobook.core import read_json, EchobookError
+    from echobook.data.clips import EchoClips
+    from echobook.evaluation import mean_shape_metrics
+    cfg, sw = read_json(d/'config.json', {}) or {}, read_json(d/'sweep.json', {}) or {}
+    data = Path(cfg.get('data_dir') or '.')
+    cache = Path((sw.get('params') or {}).get('cache_dir') or data.with_name(data.name + '-cache'))
+    why = f"`{show_path(d/'mean_shape_per_video.csv')}` is missing and the baseline cannot be rebuilt"
+    try:
+        train = EchoClips(cache, 'TRAIN', fraction=cfg.get('fraction', 1.0), seed=cfg.get('seed', 0), size=cfg.get('size', 112))
+        test = EchoClips(cache, 'TEST', size=cfg.get('size', 112))
+    except (EchobookError, OSError) as e: raise MissingOutput(f'{why}: {e}') from None
+    base = mean_shape_metrics(train.kpts, test.kpts, list(test.index.FileName))
+    want = ((read_json(d/'metrics.json', {}) or {}).get('summary') or {}).get('mean shape/dice_ed/mean')
+    if want is None or abs(base.dice_ed.mean() - want) > 1e-6:
+        raise MissingOutput(f"{why}: the clip cache `{show_path(cache)}` no longer gives the run's mean shape")
+    return base
+
+def landmark_pairs(d, metric='dice_ed') -> tuple[pd.DataFrame, str]:
+    "Per test video: the landmark model's `metric` and the training mean shape's."
+    d = Path(d)
+    model = _per_item(d, 'per_video.csv', ['FileName', metric])
+    base = _per_item(d, 'mean_shape_per_video.csv', ['FileName', metric]) if (d/'mean_shape_per_video.csv').exists() else _rebuilt_mean_shape(d)
+    return _pairs(model.set_index('FileName')[metric], base.set_index('FileName')[metric]), 'mean shape'
+
+def ef_pairs(d, metric='mae') -> tuple[pd.DataFrame, str]:
+    "Per scored test video: the absolute EF error of the model and of the training-mean EF (FileList EF as truth)."
+    pv = _per_item(d, 'per_video.csv', ['FileName', 'ef_model', 'ef_mean', 'ef_filelist', 'excluded'])
+    ok = pv[~pv.excluded.astype(bool)].set_index('FileName')
+    return _pairs((ok.ef_model - ok.ef_filelist).abs(), (ok.ef_mean - ok.ef_filelist).abs()).dropna(), 'training-mean EF'
+
+def dfkd_pairs(d, metric='dice') -> tuple[pd.DataFrame, str]:
+    "Per test video: the distilled student's `metric` and the untrained student's (its initialisation)."
+    pv = _per_item(d, 'per_video.csv', ['FileName', 'model', metric])
+    who = lambda m: pv[pv.model == m].set_index('FileName')[metric]
+    if not (pv.model == 'untrained').any(): raise MissingOutput(f"`{show_path(Path(d)/'per_video.csv')}` has no `untrained` rows")
+    return _pairs(who('model'), who('untrained')), 'untrained student'
+
+def probing_pairs(d, metric='T1/acc_img') -> tuple[pd.DataFrame, str]:
+    "Per test sequence: the classifier's image accuracy (`acc_img`) or vote (`acc_seq`), and the most frequent view's."
+    split, m = metric.split('/')
+    ps = _per_item(d, f'per_sequence_{split}.csv', ['sequence', 'label', 'acc_img' if m == 'acc_img' else 'correct']).set_index('sequence')
+    base = (ps.label == ps.label.mode().iloc[0]).astype(float)          # always the most frequent view of this test set
+    return _pairs(ps.acc_img if m == 'acc_img' else ps.correct.astype(float), base), f'most frequent view ({split})'
+
+PAIRS = {'landmarks': landmark_pairs, 'ef_echoapex': ef_pairs, 'ef_videomae': ef_pairs, 'dfkd': dfkd_pairs, 'probing': probing_pairs}
+
+# %% ../nbs/08b_results.ipynb #f3a27dc4
+def _short(metric) -> str:
+    "'model/dice_ed/mean' → 'dice_ed'; 'T1/acc_img' stays."
+    parts = metric.split('/')
+    return parts[1] if len(parts) == 3 else metric
+
+def baseline_metrics(cfg) -> list[str]:
+    "The metrics the paired test of config `cfg` compares (the first decides the verdict)."
+    exp = Path(cfg['notebook']).stem
+    main = _short(cfg.get('main_metric', 'model/dice_ed/mean'))
+    return [main] + [m for m in ('dice_ed', 'dice_es') if m != main] if exp == 'landmarks' else [main]
+
+# %% ../nbs/08b_results.ipynb #bb10f5a3
+def _data_name(d: Path) -> str:
+    "'the phantom' for a run on phantom data, else its data folder's name."
+    from echobook.core import read_json
+    data = Path((read_json(d/'config.json', {}) or {}).get('data_dir') or '')
+    return 'the phantom' if data.name.startswith('phantom') or not data.name else f'`{data.name}`'
+
+def _test_row(d: Path, cfg, metric) -> dict:
+    "The paired test of run `d` against its baseline on `metric` (or the file it lacks)."
+    from echobook.evaluation import paired_test
+    spec = metric_spec(metric, cfg)
+    row = dict(run=d.name, metric=spec['label'], data=_data_name(d))
+    try: pairs, base = PAIRS[Path(cfg['notebook']).stem](d, metric)
+    except MissingOutput as e: return {**row, 'missing': str(e)}
+    if len(pairs) < 2: return {**row, 'baseline': base, 'n': len(pairs), 'missing': f'{len(pairs)} paired item(s): too few to test'}
+    r = paired_test(pairs.model, pairs.baseline, alternative='greater' if spec['better'] == 'max' else 'less')
+    sc = spec['scale']
+    return {**row, 'baseline': base, 'n': r['n'], 'ours': r['mean_a'] * sc, 'baseline mean': r['mean_b'] * sc,
+            'difference': r['mean_diff'] * sc, 'p': r['p_wilcoxon'], 'beats': bool(r['p_wilcoxon'] < ALPHA)}
+
+def baseline_tests(table,      # table name or config path
+                   runs=None,  # runs root (default `runs_root()`)
+                  ) -> pd.DataFrame:
+    "Every finished run of `table` against its baseline on the same test items: n, means, difference, one-sided Wilcoxon p."
+    from echobook.sweeps import run_folders
+    from echobook.runs import RunDir
+    cfg = load_table_config(table)
+    done = [d for d in sorted(run_folders(runs_root(runs)/cfg['name'])) if RunDir(d).state == 'done']
+    cols = ['run', 'metric', 'baseline', 'n', 'ours', 'baseline mean', 'difference', 'p', 'beats', 'data', 'missing']
+    return pd.DataFrame([_test_row(d, cfg, m) for d in done for m in baseline_metrics(cfg)], columns=cols)
+
+# %% ../nbs/08b_results.ipynb #1b3f39dd
+def _min_p(n) -> float: return 0.5 ** n   # the smallest one-sided Wilcoxon p with n items (no ties)
+
+def _names(ids, most=6) -> str:
+    "Run ids in words, the first `most` of them."
+    ids = [f'`{i}`' for i in ids]
+    return ', '.join(ids[:most]) + (f' and {len(ids) - most} more' if len(ids) > most else '')
+
+def _one(r) -> str:
+    "One run's test in words."
+    return f"{r.metric.rstrip(' ↑↓')}, {r.baseline}: n = {r.n:.0f}, mean difference {r.difference:+.3g}, one-sided Wilcoxon p = {r.p:.3g}"
+
+def baseline_caption(df: pd.DataFrame) -> str:
+    "The verdict of a config's runs against their baselines, in words (from `baseline_tests`, first metric per run)."
+    if not len(df): return 'No finished run yet: no paired test against the baseline.'
+    main = df.groupby('run', sort=False).head(1)
+    tested, missing = main[main.p.notna()].astype({'beats': bool, 'n': int}), main[main.p.isna()]
+    out = []
+    if len(tested) == 1:
+        r = tested.iloc[0]
+        out.append(f"The run beats its baseline ({_one(r)})." if r.beats else
+                   f"The run does not beat its baseline on {r.data} ({_one(r)}): this run checks the pipeline only.")
+    elif len(tested):
+        won, lost = tested[tested.beats], tested[~tested.beats]
+        if len(won): out.append(f"{len(won)} of {len(tested)} runs beat their baseline on {won.metric.iloc[0].rstrip(' ↑↓')} "
+                                f"(one-sided Wilcoxon, largest p = {won.p.max():.3g}).")
+        if len(lost) == len(tested): out.append(f"None of the {len(lost)} runs beats its baseline on {lost.data.iloc[0]} "
+                                               f"(smallest p = {lost.p.min():.3g}): they check the pipeline only.")
+        elif len(lost) == 1: out.append(f"The other run (`{lost.run.iloc[0]}`) does not beat its baseline on {lost.data.iloc[0]} "
+                                        f"(p = {lost.p.iloc[0]:.3g}): it checks the pipeline only.")
+        elif len(lost): out.append(f"The other {len(lost)} runs ({_names(lost.run)}) do not beat their baseline on {lost.data.iloc[0]} "
+                                   f"(smallest p = {lost.p.min():.3g}): they check the pipeline only.")
+    small = tested[(~tested.beats) & (tested.n.map(_min_p) >= ALPHA)]
+    if len(small): out.append(f"With n = {small.n.min():.0f} test items the one-sided Wilcoxon test cannot reach p < {ALPHA:g} "
+                              f"(its smallest p is {_min_p(small.n.min()):.3g}): a larger test set is needed to show an effect.")
+    for r in missing.itertuples(): out.append(f"No paired test for run `{r.run}`: {r.missing}.")
+    return ' '.join(out)
+
+def show_baseline_tests(table, runs=None):
+    "Display the caption and table of `table`'s paired tests against the baseline (or say there are no runs)."
+    from IPython.display import display, HTML, Markdown
+    df = baseline_tests(table, runs)
+    display(Markdown(baseline_caption(df)))
+    if df.p.notna().any():
+        t = df[df.p.notna()].drop(columns=['missing', 'data']).assign(beats=lambda x: x.beats.map({True: 'yes', False: 'no'}))
+        display(HTML(t.to_html(index=False, float_format=lambda v: f'{v:.3g}')))
+
+# %% ../nbs/08b_results.ipynb #a2636472
+def fake_item_run(runs,          # runs root
+                  table,         # config name
+                  run,           # run folder name
+                  effect=0.1,    # the model's mean improvement over the baseline (in the metric's good direction, fraction units)
+                  n=12,          # test items
+                  seed=0,        # RNG seed
+                  files=True,    # write the per-item files (False: a finished run without them)
+                 ) -> Path:
+    "A finished synthetic run of `table` with the per-item files its paired test reads (examples, tests)."
+    from echobook.core import atomic_write_json, atomic_write_text
+    cfg, rng = load_table_config(table), np.random.default_rng(seed)
+    d, exp = Path(runs)/cfg['name']/run, Path(cfg['notebook']).stem
+    atomic_write_json(d/'sweep.json', dict(table=cfg['name'], profile='tiny', grid={}, params={}))
+    atomic_write_json(d/'config.json', dict(experiment=exp, data_dir=str(Path(runs)/'_data'/'phantom-24'), profile='tiny'))
+    atomic_write_json(d/'status.json', dict(state='done'))
+    names, base = [f'0X{i:04d}' for i in range(n)], rng.uniform(.5, .8, n)
+    better = base + effect + rng.normal(0, .02, n)
+    csv = lambda name, df: atomic_write_text(d/name, df.to_csv(index=False)) if files else None
+    if exp == 'landmarks':
+        for name, v in [('per_video.csv', better), ('mean_shape_per_video.csv', base)]: csv(name, pd.DataFrame(dict(FileName=names, dice_ed=v, dice_es=v - .05)))
+    elif exp.startswith('ef'):
+        truth = rng.uniform(30, 75, n)
+        pred = truth + (55 - truth) * (1 - min(1., 5 * effect)) + rng.normal(0, 1, n)   # effect 0: the mean, plus noise
+        csv('per_video.csv', pd.DataFrame(dict(FileName=names, ef_filelist=truth, ef_model=pred, ef_mean=55., excluded=False, reason='')))
+    elif exp == 'dfkd':
+        m = _short(cfg['main_metric'])
+        ours = better if metric_spec(m, cfg)['better'] == 'max' else 2 * base - better   # an error: the improvement subtracted
+        csv('per_video.csv', pd.concat([pd.DataFrame({'FileName': names, m: v, 'model': who}) for who, v in [('model', ours), ('untrained', base)]]))
+    else:
+        for s in ('T1', 'T2'):                                # four balanced views: the most frequent one is right on a quarter
+            acc = np.clip(.25 + 5 * effect + rng.normal(0, .05, n), 0, 1)
+            csv(f'per_sequence_{s}.csv', pd.DataFrame(dict(sequence=names, label=np.arange(n) % 4, acc_img=acc, correct=acc > .5)))
+    return d
+
 # %% ../nbs/08b_results.ipynb #15d82099
 def _data_label(d) -> str:
     "A run's data folder, the sweep's shared phantom named as such."
@@ -249,7 +444,13 @@ def show_deviations(table):
     from IPython.display import display, Markdown
     display(Markdown(deviations_text(table)))
 
-# %% ../nbs/08b_results.ipynb #7759434f
+# %% ../nbs/08b_results.ipynb #e5fde426
+BASELINE_WORDS = {'landmarks': "the training set's mean shape placed on every test video (Dice at ED and ES)",
+                  'ef_echoapex': 'the training-mean EF predicted for every video (absolute error)',
+                  'ef_videomae': 'the training-mean EF predicted for every video (absolute error)',
+                  'dfkd': 'the student at its initialisation, before any distillation',
+                  'probing': 'always predicting the most frequent view of the test set (image accuracy per test sequence)'}
+
 def _page_cells(cfg, cit) -> list[tuple[str, str]]:
     "The (kind, source) cells of one results page."
     name = cfg['name']
@@ -263,7 +464,11 @@ def _page_cells(cfg, cit) -> list[tuple[str, str]]:
                      f"echobook reproduce {name} --profile paper --data /path/to/data --executor slurm\n"
                      f"echobook runs {name}                           # the runs and their state\n```\n\n"
                      "`make book` runs every table's tiny reproduction and executes this page again."),
-        ('code', f"from echobook.results import show_results, show_deviations, show_provenance\nshow_results('{name}', interactive=False)"),
+        ('code', f"from echobook.results import show_results, show_baseline_tests, show_deviations, show_provenance\nshow_results('{name}', interactive=False)"),
+        ('markdown', f"## Against the baseline\n\nEach finished run against {BASELINE_WORDS[Path(cfg['notebook']).stem]}, on the same "
+                     "test items, from the per-item files of its run folder: a one-sided Wilcoxon signed-rank test in the "
+                     "direction the metric improves (`echobook.results.baseline_tests`). The caption is written by code."),
+        ('code', f"show_baseline_tests('{name}')"),
         ('markdown', '## Deviations from the paper'),
         ('code', f"show_deviations('{name}')"),
         ('markdown', '## Provenance\n\nThe commands, data, code and machines behind the numbers above, read from the run folders.'),
@@ -315,7 +520,7 @@ def write_results_pages(folder=None,  # the pages' folder (default `<repo>/nbs/r
             if p.stem not in names: p.unlink()
     return out
 
-# %% ../nbs/08b_results.ipynb #528429f1
+# %% ../nbs/08b_results.ipynb #6934c510
 def _main_column(cfg, t) -> str:
     "The table column of the config's main metric (e.g. 'model/dice_ed/mean' → 'dice_ed')."
     m = cfg.get('main_metric', '')
@@ -331,10 +536,19 @@ def _best(t, col, group) -> tuple[float, str]:
     i = v.idxmax() if t.metrics[col]['better'] == 'max' else v.idxmin()
     return float(v[i]), ', '.join(str(x) for x in d.loc[i, t.headers] if str(x))
 
+def _verdict(name, runs=None) -> str:
+    "A config's runs against their baseline (paired test, first metric) in a few words."
+    df = baseline_tests(name, runs)
+    main = df.groupby('run', sort=False).head(1)
+    tested = main[main.p.notna()]
+    if not len(tested): return 'per-item files missing' if len(main) else '—'
+    k = int(tested.beats.astype(bool).sum())
+    return f'{k} of {len(tested)} runs beat it' + ('' if k else ': pipeline check only')
+
 def paper_summary(runs=None,  # runs root (default `runs_root()`)
                   link=True,  # link each table to its results page
                  ) -> pd.DataFrame:
-    "Every config: its main metric, the paper's best value (cited) and our best finished run, or 'not run'."
+    "Every config: its main metric, the paper's best value (cited), our best finished run (or 'not run') and its paired-test verdict."
     from echobook.config import list_tables
     rows = []
     for name in list_tables():
@@ -348,5 +562,6 @@ def paper_summary(runs=None,  # runs root (default `runs_root()`)
         rows.append({'table': f'<a href="results/{name}.html">{name}</a>' if link else name,
                      'paper': (cfg.get('cite') or {}).get('file', '—'), 'metric': t.metrics[col]['label'],
                      'paper (best, cited)': f'{pv:.2f} ({prow})' if pv == pv else '— (figure)',
-                     'ours (best)': f'{ov:.2f} ({orow}; {profs} profile)' if ov == ov else 'not run'})
+                     'ours (best)': f'{ov:.2f} ({orow}; {profs} profile)' if ov == ov else 'not run',
+                     'vs baseline (paired test)': _verdict(name, runs)})
     return pd.DataFrame(rows)
