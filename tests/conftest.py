@@ -9,6 +9,7 @@ def pytest_configure(config):
     config.addinivalue_line('markers', 'notebook: executes an nbs/ notebook top to bottom')
     config.addinivalue_line('markers', 'slow: takes more than ~30 s on 2 CPU cores')
     config.addinivalue_line('markers', 'learning: checks a tiny-profile result (a model learns); minutes; run by `make test-learning`')
+    config.addinivalue_line('markers', 'heavy: re-executes whole tutorials or paper-shape runs (many minutes); run by `make test-heavy`, not `make test`')
 
 
 @pytest.fixture(scope='session')
