@@ -11,7 +11,7 @@ from echobook.cli import main
 NBS = Path(__file__).parents[1]/'nbs'
 
 
-SECTIONS = ('Core', 'Data', 'Models', 'Evaluation & runs', 'Training', 'Tasks', 'Sweeps & tables', 'CLI & tools',
+SECTIONS = ('Tutorials', 'Core', 'Data', 'Models', 'Evaluation & runs', 'Training', 'Tasks', 'Sweeps & tables', 'CLI & tools',
             'Experiments', 'Results', 'Deviations & citing')
 
 
@@ -23,8 +23,9 @@ def test_sidebar_follows_quarto_sections():
     assert {p.name for p in secs['CLI & tools']} >= {'09_docs.ipynb', '10_bench.measure.ipynb', '11_cli.ipynb'}
     assert any(p.name == 'landmarks.ipynb' for p in secs['Experiments'])
     assert all(p.parent.name == 'results' for p in secs['Results'])
+    assert all(p.parent.name == 'tutorials' for p in secs['Tutorials']) and len(secs['Tutorials']) == 4
     assert 'cite.ipynb' in {p.name for p in secs['Deviations & citing']}
-    chapters = [p.name for s in SECTIONS[:-3] for p in secs[s]]
+    chapters = [p.name for s in SECTIONS[1:-3] for p in secs[s]]
     assert chapters == sorted(chapters)                                    # section order is notebook order
     listed = {p for ps in secs.values() for p in ps}
     assert {p for p in NBS.rglob('*.ipynb') if not p.name.startswith('_') and '.ipynb_checkpoints' not in p.parts} == listed
