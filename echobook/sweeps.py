@@ -17,11 +17,12 @@ from .runs import RunDir
 from .jobs import run_state, run_one, run_local, slurm_parameters, slurm_executor, run_submitit
 
 # %% auto #0
-__all__ = ['SHORT', 'IDENTITY_IGNORE', 'SMOKE_RAM_SHARE', 'SMOKE_COLUMNS', 'SweepConfig', 'config_id', 'parse_sets',
-           'expand_grid', 'check_parameters', 'plan_sweep', 'run_sweep', 'run_folders', 'list_runs', 'paper_runs',
-           'ladder', 'paper_stages', 'task_of', 'paper_settings', 'projected_hours', 'smoke_root', 'smoke_params',
-           'smoke_measurements', 'smoke_once', 'memory_budget', 'fit_batch', 'smoke_config', 'smoke_table',
-           'format_smoke', 'table_cost', 'slurm_request', 'format_cost', 'reproduce', 'show_runs']
+__all__ = ['SHORT', 'IDENTITY_IGNORE', 'SMOKE_RAM_SHARE', 'SMOKE_SHARED', 'SMOKE_COLUMNS', 'SweepConfig', 'config_id',
+           'parse_sets', 'expand_grid', 'check_parameters', 'plan_sweep', 'run_sweep', 'run_folders', 'list_runs',
+           'paper_runs', 'ladder', 'paper_stages', 'task_of', 'paper_settings', 'projected_hours', 'smoke_groups',
+           'smoke_root', 'smoke_params', 'smoke_measurements', 'smoke_once', 'memory_budget', 'fit_batch',
+           'smoke_config', 'smoke_table', 'format_smoke', 'table_cost', 'slurm_request', 'format_cost', 'reproduce',
+           'show_runs']
 
 # %% ../nbs/07_sweeps.ipynb #12e5d8d1
 #| export
@@ -325,6 +326,17 @@ def projected_hours(stages: list[dict],  # `paper_stages` of the configuration
 
 # %% ../nbs/07_sweeps.ipynb #4d283ca9
 SMOKE_RAM_SHARE = 0.5   # CPU smoke: share of the available RAM a batch may use (the machine is shared; never the OOM killer)
+SMOKE_SHARED = ('fraction', 'n_train', 'seed')   # parameters that change only which/how many training items a run sees
+
+def smoke_groups(configs: list[SweepConfig]) -> list[tuple[SweepConfig, list[SweepConfig]]]:
+    "(representative, others) per group of configurations that differ only in `SMOKE_SHARED`: same code, same shapes, one smoke run."
+    groups = {}
+    for c in configs: groups.setdefault(json.dumps({k: v for k, v in c.params.items() if k not in SMOKE_SHARED}, sort_keys=True, default=str), []).append(c)
+    out = []
+    for g in groups.values():
+        rep = max(g, key=lambda c: float(c.params.get('fraction') or 1.0))   # the largest data fraction: the phantom holds a batch
+        out.append((rep, [c for c in g if c is not rep]))
+    return out
 
 def smoke_root(table, runs=None) -> Path:
     "Where smoke runs of `table` live: `<runs>/<table>/_smoke/` (never listed, tabulated or reused by a sweep)."
@@ -341,6 +353,7 @@ def smoke_params(params: dict, schema: dict, steps, batch, device=None, runs=Non
     if 'teacher_epochs' in schema: p['teacher_epochs'] = 1          # a random-init teacher is trained (one smoke fit)
     if 'ood_videos' in schema: p['ood_videos'] = 8
     if 'max_frames' in schema: p['max_frames'] = 32              # dfkd: the teacher labels 32 frames per synthetic video (windows of 25 fit)
+    if 'synthetic_videos' in schema: p['synthetic_videos'] = 8    # dfkd: a small distillation set (6 TRAIN videos hold batch 1 and 2)
     if 'n_boot' in schema: p['n_boot'] = 100
     if device is not None: p['device'] = device
     if str(device or 'cpu') == 'cpu' and 'workers' in schema: p['workers'] = 0
@@ -359,7 +372,7 @@ def smoke_once(cfg: dict, c: SweepConfig, schema: dict, steps, batch, device=Non
     rd = smoke_root(cfg['path'], runs)/c.id/f'batch{batch}'
     if rd.exists(): shutil.rmtree(rd)
     params = {**smoke_params(c.params, schema, steps, batch, device, runs), 'run_dir': str(rd)}
-    if 'teacher_dir' in schema: params['teacher_dir'] = str(rd/'teacher')   # a smoke-trained teacher stays in the smoke folder
+    if 'teacher_dir' in schema: params['teacher_dir'] = str(rd.parents[1]/'_shared'/'teacher')   # a smoke-trained teacher: shared by this smoke's runs, never by a real one
     _prepare_phantoms([dict(params=params)], runs_root(runs))
     r = run_one(dict(id=c.id, notebook=str(notebook_path(cfg)), run_dir=str(rd), params=params, kernel=kernel,
                      record=dict(table=cfg['name'], profile='paper', smoke=True, grid=c.grid)))
@@ -383,7 +396,7 @@ def fit_batch(peak1, peak2, budget, paper_batch, max_batch=None) -> int:
     return max(1, min(int(paper_batch), b, int(max_batch or paper_batch)))
 
 # %% ../nbs/07_sweeps.ipynb #6d789333
-SMOKE_COLUMNS = ['id', 'status', 'error', 'step_s', 'peak_mem_gb', 'batch_size', 'paper_batch_size', 'projected_gpu_h']
+SMOKE_COLUMNS = ['id', 'status', 'error', 'step_s', 'peak_mem_gb', 'batch_size', 'paper_batch_size', 'projected_gpu_h', 'measured_as']
 
 def _smoke_row(c, res, paper_batch, stages, device) -> dict:
     "The reported row of one configuration from its final smoke run."
@@ -392,12 +405,17 @@ def _smoke_row(c, res, paper_batch, stages, device) -> dict:
     m = next((v for f, v in res['smoke'].items() if main and fnmatch(f, main['folder'])), {})
     return dict(id=c.id, status='ok' if res['state'] == 'done' else 'failed', error=res['error'], step_s=m.get('step_s'),
                 peak_mem_gb=res['peak'] / 1e9 if res['peak'] else None, batch_size=res['batch'], paper_batch_size=paper_batch,
-                projected_gpu_h=hours, device=m.get('device') or device, projection=how, seconds=res['seconds'], run_dir=res['run_dir'])
+                projected_gpu_h=hours, measured_as=c.id, device=m.get('device') or device, projection=how, seconds=res['seconds'], run_dir=res['run_dir'])
 
-def smoke_config(cfg, c, schema, steps=3, device=None, runs=None, max_batch=None, kernel='echobook') -> dict:
-    "Smoke-test one configuration: probe batches 1 and 2, run at the largest batch that fits; its report row."
+def _member_row(cfg, m, res, device, measured_as) -> dict:
+    "The row of configuration `m` from the smoke run `res`: its own paper batch and stages (its data size), the run's times."
+    settings = paper_settings(cfg, m.params)
+    return {**_smoke_row(m, res, int(settings['batch_size']), paper_stages(task_of(cfg), settings), device), 'measured_as': measured_as}
+
+def smoke_config(cfg, c, schema, steps=3, device=None, runs=None, max_batch=None, kernel='echobook', others=()) -> list[dict]:
+    "Smoke-test configuration `c`: probe batches 1 and 2, run at the largest batch that fits; the rows of `c` and of `others` (same code and shapes)."
     settings = paper_settings(cfg, c.params)
-    paper_batch, stages = int(settings['batch_size']), paper_stages(task_of(cfg), settings)
+    paper_batch = int(settings['batch_size'])
     run = lambda b: smoke_once(cfg, c, schema, steps, b, device, runs, kernel)
     probes = [run(1)]
     if probes[0]['state'] == 'done' and probes[0]['smoke'] and paper_batch > 1 and (max_batch or 2) > 1: probes.append(run(2))
@@ -405,21 +423,22 @@ def smoke_config(cfg, c, schema, steps=3, device=None, runs=None, max_batch=None
     if res is None:
         b = fit_batch(probes[0]['peak'], probes[-1]['peak'], memory_budget(device), paper_batch, max_batch) if len(probes) > 1 else 1
         res = probes[b - 1] if b <= len(probes) else run(b)
-    row = _smoke_row(c, res, paper_batch, stages, device)
-    atomic_write_json(Path(res['run_dir']).parent/'result.json', {**row, 'measured': time.strftime('%Y-%m-%dT%H:%M:%S'), 'params': _identity(c.params)})
-    return row
+    rows = [_member_row(cfg, m, res, device, c.id) for m in [c, *others]]
+    for m, row in zip([c, *others], rows):   # each configuration's result.json (what `--dry-run` reads), pointing at the run
+        atomic_write_json(smoke_root(cfg['path'], runs)/m.id/'result.json', {**row, 'measured': time.strftime('%Y-%m-%dT%H:%M:%S'), 'params': _identity(m.params)})
+    return rows
 
 # %% ../nbs/07_sweeps.ipynb #fe8dcde7
 def smoke_table(table,            # table/figure config: a name from configs/ or a YAML path
                 steps=3,          # optimiser steps per fit (the first is not timed)
                 device=None,      # cuda or cpu (default: cuda if available)
                 runs=None,        # runs root (smoke runs go to <runs>/<table>/_smoke/)
-                limit=None,       # only the first `limit` configurations
+                limit=None,       # only the first `limit` smoke runs (groups of `smoke_groups`)
                 max_batch=None,   # cap the batch the memory rule picks (CPU time)
                 overrides=None,   # {param: value}, like `--set` (restricts grid axes)
                 kernel='echobook',
                ) -> pd.DataFrame:
-    "Smoke-test the paper profile of `table`: every configuration at the paper's shapes for a few steps on a phantom."
+    "Smoke-test the paper profile of `table`: every configuration at the paper's shapes for a few steps on a phantom (one run per `smoke_groups` group)."
     import torch
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     cfg = load_table_config(table)
@@ -427,10 +446,11 @@ def smoke_table(table,            # table/figure config: a name from configs/ or
     configs, schema = check_parameters(nb, expand_grid(cfg, 'paper', overrides)), parameter_defaults(nb)
     missing = {'smoke_steps', 'batch_size', 'allow_phantom'} - set(schema)
     if missing: raise ConfigError(f'{show_path(nb)}: a smoke test needs the notebook parameters {sorted(missing)}')
-    rows = []
-    for c in tqdm(configs[:limit], desc=f"smoke {cfg['name']}", unit='config'):
-        try: rows.append(smoke_config(cfg, c, schema, steps, device, runs, max_batch, kernel))
-        except Exception as e: rows.append(dict(id=c.id, status='failed', error=f'{type(e).__name__}: {e}'))   # report it; test the others
+    rows, shared = [], smoke_root(cfg['path'], runs)/'_shared'
+    if shared.exists(): shutil.rmtree(shared)          # what configurations share within this smoke (a DFKD teacher): made afresh
+    for c, others in tqdm(smoke_groups(configs)[:limit], desc=f"smoke {cfg['name']}", unit='run'):
+        try: rows += smoke_config(cfg, c, schema, steps, device, runs, max_batch, kernel, others)
+        except Exception as e: rows += [dict(id=m.id, status='failed', error=f'{type(e).__name__}: {e}', measured_as=c.id) for m in [c, *others]]   # report it; test the others
     return pd.DataFrame(rows, columns=SMOKE_COLUMNS + ['device', 'projection', 'seconds', 'run_dir'])
 
 # %% ../nbs/07_sweeps.ipynb #d633289f
@@ -442,6 +462,9 @@ def format_smoke(df: pd.DataFrame) -> str:
     lines = [show[[c for c in cols if c in show]].to_string(index=False)]
     lines += [f'failed: {r.id}: {r.error}' for r in df[df.status != 'ok'].itertuples()]
     dev = ', '.join(sorted(set(df.device.dropna()))) or '?'
+    shared = df[df.measured_as.notna() & (df.measured_as != df.id)] if 'measured_as' in df else df.iloc[:0]
+    if len(shared): lines.append(f"{len(shared)} of {len(df)} configurations share the smoke run of another (`measured_as`): they differ only in "
+                                 f"{', '.join(SMOKE_SHARED)} (same code and shapes); each has its own projection")
     lines.append(f"{(df.status == 'ok').sum()}/{len(df)} ok; projected full paper run: {df.projected_gpu_h.sum(min_count=1):.1f} h "
                  f"(measured on {dev}; step time × paper batch / smoke batch, see `projection`)")
     return '\n'.join(lines)

@@ -28,7 +28,7 @@ from .core import (torch_save_atomic, atomic_write_text, stable_hash, code_versi
 # %% auto #0
 __all__ = ['SCHEDULES', 'RUN_ONLY_KEYS', 'PRECISIONS', 'OPTIMIZERS', 'EncoderHead', 'EpochSeed', 'LinearWarmup', 'scheduled_lr',
            'Decay', 'SkipValidation', 'SaveBest', 'Checkpoint', 'run_identity', 'read_checkpoint', 'RestoreState',
-           'PeakMemory', 'smoke_steps', 'smoke_active', 'StepStart', 'SmokeSteps', 'default_device',
+           'PeakMemory', 'smoke_steps', 'start_smoke', 'smoke_active', 'StepStart', 'SmokeSteps', 'default_device',
            'resolve_precision', 'drop_last_batch', 'shard_batches', 'default_workers', 'ShardDL', 'make_dataloaders',
            'DistributedTrainer', 'ShareRecord', 'fit_callbacks', 'fit', 'read_log', 'load_best', 'predict']
 
@@ -268,6 +268,13 @@ def smoke_steps(n: int = 3):  # optimiser steps per fit (and validation batches 
     old, _SMOKE = _SMOKE, int(n)
     try: yield _SMOKE
     finally: _SMOKE = old
+
+def start_smoke(n: int):  # optimiser steps per fit (and validation batches at most)
+    "Make every later `fit` of this process a smoke run of `n` steps (what an experiment notebook with `smoke_steps > 0` does)."
+    if int(n) < 1: raise ValueError(f'start_smoke needs at least one step, got {n}')
+    global _SMOKE
+    _SMOKE = int(n)
+    return _SMOKE
 
 def smoke_active() -> int|None:
     "The step count of the active `smoke_steps` context, else None."

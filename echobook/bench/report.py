@@ -83,7 +83,7 @@ def _augment_targets(data: pd.DataFrame, stages: pd.DataFrame) -> list[dict]:
     fast, ref = (_rate(data, p, 0) if len(data) else None for p in ('cache+augment', 'cache+albumentations'))
     if fast is None: return []
     note = f'; albumentations path {ref:.1f} clips/s in the same run ({fast / ref:.2f}×)' if ref else ''
-    f, r, z = (_step_ms(stages, p) for p in ('augment, fast', 'augment, albumentations', 'resize'))
+    f, r, z = (_step_ms(stages, p) for p in ('augment, fast', 'augment, albumentations', '3-channel resize'))
     if f and r and z: note += f'; CPU ms per clip: fast path {f:.2f} vs resize + albumentations {r + z:.2f} ({(r + z) / f:.2f}×)'
     size = int(data['size'].iloc[0])
     return [dict(target=f"cache + the paper's augmentation at {size}² ≥ {AUGMENT_CLIPS_S} clips/s in one CPU process",

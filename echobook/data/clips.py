@@ -153,7 +153,7 @@ def _hsv_shift(frames, lut):
 
 def _per_frame(fn, frames):
     "Apply `fn` (an OpenCV image function) to each frame of a (T, H, W, C) array, in place."
-    for f in frames: fn(f, f)
+    for f in frames: fn(f[..., 0] if f.shape[-1] == 1 else f, f[..., 0] if f.shape[-1] == 1 else f)
     return frames
 
 def _add_noise(frames, noise):
@@ -167,6 +167,7 @@ def _resize_each(frames, size, box=None) -> np.ndarray:
     "Each frame resized to size×size (bilinear), then, if `box` (x0, y0, x1, y1) is given, that box resized to size×size."
     out, tmp = np.empty((len(frames), size, size, frames.shape[3]), np.uint8), None
     for f, o in zip(frames, out):
+        f, o = (f[..., 0], o[..., 0]) if f.shape[-1] == 1 else (f, o)    # OpenCV drops a channel axis of 1
         if box is None: cv2.resize(f, (size, size), dst=o, interpolation=cv2.INTER_LINEAR); continue
         tmp = f if f.shape[:2] == (size, size) else cv2.resize(f, (size, size), dst=tmp, interpolation=cv2.INTER_LINEAR)
         cv2.resize(tmp[box[1]:box[3], box[0]:box[2]], (size, size), dst=o, interpolation=cv2.INTER_LINEAR)
@@ -180,18 +181,23 @@ def _geometric(frames, geo, m, size):
     x = cv2.warpAffine(_to_channels(frames), m[:2], (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return _to_frames(x.reshape(size, size, t * c), t)
 
-def apply_augmentation(frames,        # (T, H, W, 3) uint8, any H×W (e.g. the cached 112²)
+def _grey_lut(kind, prm) -> np.ndarray:
+    "The pointwise table of a step on grey pixels: for the HSV shift, its V table (grey has S = 0: hue and saturation do nothing)."
+    lut = pixel_lut(kind, prm)
+    return np.ascontiguousarray(lut[:, 2]) if kind == 'hsv' else lut
+
+def apply_augmentation(frames,        # (T, H, W, 3) uint8 RGB, or (T, H, W, 1) grey; any H×W (e.g. the cached 112²)
                        kpts,          # (..., 2) pixel coordinates in those frames
                        params: dict,  # a `draw_augmentation`
                        size=224):     # output size: the resize is fused with the geometric warp
-    "One draw applied to all frames → (T, size, size, 3) uint8 and the keypoints in output pixels."
+    "One draw applied to all frames → (T, size, size, C) uint8 and the keypoints in output pixels (grey: the noise map's first channel)."
     t, h, w, c = frames.shape
     m, geo = crop_matrix(0, 0, w, h, size), params['geometric']
     if geo is not None: m = geo[1]['matrix'] @ m
     x = _geometric(frames, geo, m, size)
     if params['intensity'] is not None:
         kind, prm = params['intensity']
-        x = _hsv_shift(x, pixel_lut(kind, prm)) if kind == 'hsv' else cv2.LUT(x, pixel_lut(kind, prm))
+        x = _hsv_shift(x, pixel_lut(kind, prm)) if kind == 'hsv' and c == 3 else cv2.LUT(x, _grey_lut(kind, prm))
     if params['blur'] is not None:
         kind, prm = params['blur']
         k = prm.get('kernel') if kind == 'gaussian' else None
@@ -200,7 +206,7 @@ def apply_augmentation(frames,        # (T, H, W, 3) uint8, any H×W (e.g. the c
                        (lambda f, d: cv2.sepFilter2D(f, -1, k, k, dst=d)), x)
     if params['noise'] is not None:
         kind, prm = params['noise']
-        x = _add_noise(x, prm['map']) if kind == 'gaussian' else cv2.LUT(x, pixel_lut(kind, prm))
+        x = _add_noise(x, np.ascontiguousarray(prm['map'][..., :c])) if kind == 'gaussian' else cv2.LUT(x, pixel_lut(kind, prm))
     return x, np.asarray(kpts, dtype=np.float64) @ m[:2, :2].T + m[:2, 2]
 
 # %% ../../nbs/01aa_data.clips.ipynb #5fb6c986
@@ -376,9 +382,11 @@ class EchoClips(torch.utils.data.Dataset):
                  names=None,              # these FileNames instead of split + fraction
                  frames=None,             # None: all cached frames; n: n evenly spaced; list: positions (0 = ED, -1 = ES)
                  target='keypoints',      # one of `TARGETS`
-                 channels=3):             # 3 (as decoded) or 1 (grey)
+                 channels=3,              # 3 (as decoded) or 1 (grey)
+                 grey=True):              # process channel 0 only, replicated (echo is grey; ~3× faster); False: the 3 decoded channels
         if target not in TARGETS: raise ValueError(f'target must be one of {TARGETS}, got {target!r}')
         self.cache_dir, self.size, self.frames, self.target, self.channels = Path(cache_dir), size, frames, target, channels
+        self.grey = grey and augment != 'albumentations'   # the reference path stays on the decoded channels
         index, kpts = read_cache_index(cache_dir)
         rows = _select_rows(index, split, fraction, seed, names)
         bad = ~np.isfinite(rows[_EF_COLUMN[target]].to_numpy(float)) if target in _EF_COLUMN else np.zeros(len(rows), bool)
@@ -413,12 +421,13 @@ class EchoClips(torch.utils.data.Dataset):
     def __getitem__(self, i):
         clip = load_clip(self.cache_dir, self.index.FileName[i])
         clip = clip[_clip_positions(self.frames, len(clip))]
+        if self.grey: clip = np.ascontiguousarray(clip[..., :1])
         if self.augment is True: frames, kp = apply_augmentation(clip, self.kpts[i], draw_augmentation(self.rng(), self.size), self.size)
         else:
             frames, kp = resize_frames(clip, self.size), scale_keypoints(self.kpts[i], clip.shape[1:3], self.size)
             if self.tf is not None: frames, kp = augment_clip(self.tf, frames, kp)
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)
-        return x[:self.channels], self._target(i, kp)
+        x = torch.from_numpy(np.ascontiguousarray(frames).reshape(len(frames), self.size, self.size, -1)).permute(3, 0, 1, 2)
+        return x.expand(self.channels, -1, -1, -1) if self.grey else x[:self.channels], self._target(i, kp)
 
 LandmarkClips = EchoClips
 
