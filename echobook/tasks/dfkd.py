@@ -4,7 +4,7 @@
 
 # %% ../../nbs/06b_tasks.dfkd.ipynb #a469c05d
 from __future__ import annotations
-import copy
+import copy, io
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core import (EchobookDataError, file_lock, read_json, atomic_write_json, save_npy_atomic, source_stamp,
+from ..core import (EchobookDataError, file_lock, read_json, atomic_write_bytes, atomic_write_json, save_npy_atomic, source_stamp,
                            stamps_differ, dataset_stamp, module_hash)
 from ..config import load_profile
 from ..data.echonet import read_filelist, read_video, resize_frames, scan_dataset
 from ..models.segmenters import (Segmenter, build_segmenter, TracedFrames, VideoFrames, Probabilities, channel_stats,
                                         segmentation_loss)
-from ..training import fit, load_best, predict
+from ..training import fit, load_best, predict, smoke_active
 
 # %% auto #0
 __all__ = ['RESIDUALS', 'dfkd_config', 'traced_stamp', 'teacher_config', 'prepare_teacher', 'student_clip', 'Chunked',
@@ -45,6 +45,11 @@ def teacher_config(data_dir, arch='deeplabv3_resnet50', pretrained=False, size=1
     return dict(arch=arch, pretrained=False, size=size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                 data_dir=str(Path(data_dir).resolve()), data=traced_stamp(data_dir))
 
+def _state_bytes(model) -> bytes:
+    "The model's state dict as `torch.save` bytes."
+    buf = io.BytesIO(); torch.save(model.state_dict(), buf)
+    return buf.getvalue()
+
 def prepare_teacher(teacher_dir,      # shared folder: checkpoint.pth, best.pth, log.csv, teacher.json
                     config: dict,     # from `teacher_config`
                     weights_dir=None, # folder of the released weights (pretrained)
@@ -55,7 +60,12 @@ def prepare_teacher(teacher_dir,      # shared folder: checkpoint.pth, best.pth,
     with file_lock(teacher_dir/'.lock'):
         info = read_json(teacher_dir/'teacher.json', {})
         if info.get('config') == config:
-            return load_best(build_segmenter(**info['spec']), teacher_dir).eval().to(device or 'cpu')
+            if info.get('smoke') and not smoke_active():
+                raise EchobookDataError(teacher_dir/'teacher.json', 'this teacher is a smoke run (a few steps, `echobook reproduce --smoke`), never a '
+                                        'result: delete the folder or give another teacher_dir')
+            seg = build_segmenter(**info['spec'])
+            if info.get('smoke'): seg.load_state_dict(torch.load(teacher_dir/'smoke_weights.pth', map_location='cpu'))
+            return (seg if info.get('smoke') else load_best(seg, teacher_dir)).eval().to(device or 'cpu')
         scan = scan_dataset(config['data_dir'])
         train, valid = TracedFrames(scan.split('TRAIN'), config['size']), TracedFrames(scan.split('VAL'), config['size'])
         mean, std = channel_stats(train, grey=config['arch'] == 'unet')
@@ -63,7 +73,8 @@ def prepare_teacher(teacher_dir,      # shared folder: checkpoint.pth, best.pth,
         fit(seg, train, valid, teacher_dir, config=config, epochs=config['epochs'], loss_func=segmentation_loss(dice=False),
             lr=config['lr'], batch_size=config['batch_size'], seed=config['seed'], device=device, progress=progress,
             devices=config.get('devices', 1), workers=config.get('workers', 0))
-        atomic_write_json(teacher_dir/'teacher.json', dict(config=config, spec=seg.spec, train_frames=len(train),
+        if smoke_active(): atomic_write_bytes(teacher_dir/'smoke_weights.pth', _state_bytes(seg))   # a smoke fit saves no best.pth
+        atomic_write_json(teacher_dir/'teacher.json', dict(config=config, spec=seg.spec, train_frames=len(train), smoke=bool(smoke_active()),
                                                            params=sum(p.numel() for p in seg.parameters())))
         return seg.eval()
 
