@@ -90,15 +90,16 @@ def measure(fn,                 # the work to time, called without arguments
 
 # %% ../../nbs/10_bench.measure.ipynb #00497792
 class AviClips(torch.utils.data.Dataset):
-    "ED→ES clips decoded from the AVIs on every access: the same (clip, keypoints) items as `EchoClips`."
-    def __init__(self, records, size=224, n_frames=16): self.records, self.size, self.n_frames = list(records), size, n_frames
+    "ED→ES clips decoded from the AVIs on every access: the same (clip, keypoints) items as `EchoClips` (grey: channel 0, replicated)."
+    def __init__(self, records, size=224, n_frames=16, grey=True): self.records, self.size, self.n_frames, self.grey = list(records), size, n_frames, grey
     def __len__(self): return len(self.records)
     def __getitem__(self, i):
         r = self.records[i]
         clip = read_frames(r.path, clip_indices(r.ed_frame, r.es_frame, self.n_frames))
         kp = scale_keypoints(np.stack([r.ed_kpts, r.es_kpts]), clip.shape[1:3], self.size)
-        x = torch.from_numpy(np.ascontiguousarray(resize_frames(clip, self.size))).permute(3, 0, 1, 2)
-        return x, torch.as_tensor((kp + 0.5) / self.size, dtype=torch.float32)
+        if self.grey: clip = np.ascontiguousarray(clip[..., :1])
+        x = torch.from_numpy(np.ascontiguousarray(resize_frames(clip, self.size)).reshape(len(clip), self.size, self.size, -1)).permute(3, 0, 1, 2)
+        return x.expand(3, -1, -1, -1) if self.grey else x, torch.as_tensor((kp + 0.5) / self.size, dtype=torch.float32)
 
 # %% ../../nbs/10_bench.measure.ipynb #1e99a826
 def loader_rate(ds,                # a map-style dataset of (clip, target) items
