@@ -405,7 +405,7 @@ def _smoke_row(c, res, paper_batch, stages, device) -> dict:
     m = next((v for f, v in res['smoke'].items() if main and fnmatch(f, main['folder'])), {})
     return dict(id=c.id, status='ok' if res['state'] == 'done' else 'failed', error=res['error'], step_s=m.get('step_s'),
                 peak_mem_gb=res['peak'] / 1e9 if res['peak'] else None, batch_size=res['batch'], paper_batch_size=paper_batch,
-                projected_gpu_h=hours, measured_as=c.id, device=m.get('device') or device, projection=how, seconds=res['seconds'], run_dir=res['run_dir'])
+                projected_gpu_h=hours, device=m.get('device') or device, projection=how, seconds=res['seconds'], run_dir=res['run_dir'])
 
 def _member_row(cfg, m, res, device, measured_as) -> dict:
     "The row of configuration `m` from the smoke run `res`: its own paper batch and stages (its data size), the run's times."

@@ -153,7 +153,9 @@ def _hsv_shift(frames, lut):
 
 def _per_frame(fn, frames):
     "Apply `fn` (an OpenCV image function) to each frame of a (T, H, W, C) array, in place."
-    for f in frames: fn(f[..., 0] if f.shape[-1] == 1 else f, f[..., 0] if f.shape[-1] == 1 else f)
+    for f in frames:
+        g = f[..., 0] if f.shape[-1] == 1 else f    # OpenCV drops a channel axis of 1
+        fn(g, g)
     return frames
 
 def _add_noise(frames, noise):
