@@ -4,7 +4,7 @@
 
 # %% ../../nbs/06b_tasks.dfkd.ipynb #a469c05d
 from __future__ import annotations
-import copy, io
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core import (EchobookDataError, file_lock, read_json, atomic_write_bytes, atomic_write_json, save_npy_atomic, source_stamp,
+from ..core import (EchobookDataError, file_lock, read_json, atomic_write_json, save_npy_atomic, torch_save_atomic, source_stamp,
                            stamps_differ, dataset_stamp, module_hash)
 from ..config import load_profile
 from ..data.echonet import read_filelist, read_video, resize_frames, scan_dataset
@@ -45,11 +45,6 @@ def teacher_config(data_dir, arch='deeplabv3_resnet50', pretrained=False, size=1
     return dict(arch=arch, pretrained=False, size=size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                 data_dir=str(Path(data_dir).resolve()), data=traced_stamp(data_dir))
 
-def _state_bytes(model) -> bytes:
-    "The model's state dict as `torch.save` bytes."
-    buf = io.BytesIO(); torch.save(model.state_dict(), buf)
-    return buf.getvalue()
-
 def prepare_teacher(teacher_dir,      # shared folder: checkpoint.pth, best.pth, log.csv, teacher.json
                     config: dict,     # from `teacher_config`
                     weights_dir=None, # folder of the released weights (pretrained)
@@ -73,7 +68,7 @@ def prepare_teacher(teacher_dir,      # shared folder: checkpoint.pth, best.pth,
         fit(seg, train, valid, teacher_dir, config=config, epochs=config['epochs'], loss_func=segmentation_loss(dice=False),
             lr=config['lr'], batch_size=config['batch_size'], seed=config['seed'], device=device, progress=progress,
             devices=config.get('devices', 1), workers=config.get('workers', 0))
-        if smoke_active(): atomic_write_bytes(teacher_dir/'smoke_weights.pth', _state_bytes(seg))   # a smoke fit saves no best.pth
+        if smoke_active(): torch_save_atomic(seg.state_dict(), teacher_dir/'smoke_weights.pth')   # a smoke fit saves no best.pth
         atomic_write_json(teacher_dir/'teacher.json', dict(config=config, spec=seg.spec, train_frames=len(train), smoke=bool(smoke_active()),
                                                            params=sum(p.numel() for p in seg.parameters())))
         return seg.eval()
