@@ -105,14 +105,14 @@ def main(argv=None) -> int:
         print(f'echobook {name}: error: {e}', file=sys.stderr); return 2
 
 # %% ../nbs/11_cli.ipynb #90354b83
-Kind = Literal['auto', 'echonet', 'views', 'camus']
+Kind = Literal['auto', 'echonet', 'views', 'camus', 'lvh', 'pediatric']
 Policy = Literal['exclude-video', 'drop-frames']     # landmark policies (traced frames without 21 lines)
 InspectPolicy = Literal['exclude-video', 'drop-frames', 'finite-ef']  # + EF tasks: every video with a finite EF
 
 @command
 def cmd_phantom(out:str,                                          # output folder
-                kind:Literal['echonet', 'views', 'camus']='echonet',  # layout: EchoNet-Dynamic, view folders or CAMUS
-                videos:int=100,                                   # echonet: videos; camus: videos converted (patients)
+                kind:Literal['echonet', 'views', 'camus', 'lvh', 'pediatric']='echonet',  # layout: EchoNet-Dynamic, view folders, CAMUS, EchoNet-LVH (PLAX) or EchoNet-Pediatric (A4C + PSAX)
+                videos:int=100,                                   # echonet, lvh, pediatric: videos; camus: videos converted (patients)
                 seed:int=0,                                       # random seed (same seed, same dataset)
                 domain:str='echonet',                             # echonet/camus: phantom domain (echonet, synthetic, difficult)
                 workers:int|None=None,                            # echonet/camus: processes (default: all cores)
