@@ -148,3 +148,28 @@ def test_gpu_check_reduced_on_cpu(tmp_path):
     for section in ('### Targets', '### Training throughput', '### Peak training memory vs k', '### Data', '### table3 smoke'):
         assert section in text, section
     assert rep['throughput'][0]['status'] == 'ok' and len(rep['memory_vs_k']) == 2 and rep['stages']
+
+
+_FORKED_LOADER = '''
+import sys, cv2, numpy as np
+from pathlib import Path
+from echobook.data.echonet import ensure_phantom
+from echobook.data.clips import EchoClips, prepare_cache
+from echobook.bench.measure import loader_rate
+from echobook.training import make_dataloaders
+root = Path(sys.argv[1])
+cache = prepare_cache(ensure_phantom(root/'phantom', n_videos=8, progress=False), root/'cache', progress=False)
+big = np.zeros((1500, 1500, 3), np.uint8)
+for _ in range(3): cv2.resize(big, (2500, 2500))            # the parent has started OpenCV's thread pool
+ds = EchoClips(cache, 'TRAIN', size=32, augment=True, channels=1)
+assert loader_rate(ds, workers=1, batch_size=2)['clips'] == len(ds)
+dls = make_dataloaders(ds, ds, batch_size=2, workers=1, device='cpu')
+assert sum(len(x) for x, _ in dls.train) >= len(ds) - 1
+print('ok')
+'''
+
+def test_forked_data_workers_do_not_hang(tmp_path):
+    "Data workers forked after the parent used OpenCV's thread pool finish (setting OpenCV's threads inside such a worker hangs it)."
+    import subprocess, sys
+    r = subprocess.run([sys.executable, '-c', _FORKED_LOADER, str(tmp_path)], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and r.stdout.strip().endswith('ok'), r.stderr[-2000:]

@@ -5,6 +5,7 @@
 # %% ../../nbs/10_bench.measure.ipynb #7bb475a6
 from __future__ import annotations
 import json, os, platform, time
+import cv2
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from tqdm.auto import tqdm
 from ..core import environment_info
 from ..config import load_profile
 from ..data.echonet import clip_indices, ensure_phantom, read_frames, resize_frames, scale_keypoints, scan_dataset
-from ..data.clips import EchoClips, apply_augmentation, augment_clip, draw_augmentation, load_clip, prepare_cache, read_cache_index
+from ..data.clips import (EchoClips, apply_augmentation, augment_clip, draw_augmentation, grey_channel, load_clip, prepare_cache,
+                                 read_cache_index)
 from ..data.batch_augment import BatchAugment
 from ..models.encoders import create_encoder, list_encoders
 from ..models.freezing import allowed_k, count_parameters, freeze_encoder
@@ -90,16 +92,15 @@ def measure(fn,                 # the work to time, called without arguments
 
 # %% ../../nbs/10_bench.measure.ipynb #00497792
 class AviClips(torch.utils.data.Dataset):
-    "ED→ES clips decoded from the AVIs on every access: the same (clip, keypoints) items as `EchoClips` (grey: channel 0, replicated)."
-    def __init__(self, records, size=224, n_frames=16, grey=True): self.records, self.size, self.n_frames, self.grey = list(records), size, n_frames, grey
+    "ED→ES clips decoded from the AVIs on every access: the same (clip, keypoints) items as `EchoClips` (channel 0, `channels` copies)."
+    def __init__(self, records, size=224, n_frames=16, channels=1): self.records, self.size, self.n_frames, self.channels = list(records), size, n_frames, channels
     def __len__(self): return len(self.records)
     def __getitem__(self, i):
         r = self.records[i]
         clip = read_frames(r.path, clip_indices(r.ed_frame, r.es_frame, self.n_frames))
         kp = scale_keypoints(np.stack([r.ed_kpts, r.es_kpts]), clip.shape[1:3], self.size)
-        if self.grey: clip = np.ascontiguousarray(clip[..., :1])
-        x = torch.from_numpy(np.ascontiguousarray(resize_frames(clip, self.size)).reshape(len(clip), self.size, self.size, -1)).permute(3, 0, 1, 2)
-        return x.expand(3, -1, -1, -1) if self.grey else x, torch.as_tensor((kp + 0.5) / self.size, dtype=torch.float32)
+        x = torch.from_numpy(np.ascontiguousarray(resize_frames(grey_channel(clip), self.size)).reshape(len(clip), self.size, self.size, 1))
+        return x.permute(3, 0, 1, 2).expand(self.channels, -1, -1, -1), torch.as_tensor((kp + 0.5) / self.size, dtype=torch.float32)
 
 # %% ../../nbs/10_bench.measure.ipynb #1e99a826
 def loader_rate(ds,                # a map-style dataset of (clip, target) items
@@ -108,8 +109,10 @@ def loader_rate(ds,                # a map-style dataset of (clip, target) items
                 max_seconds=None,  # stop early after this long (the rate is taken over what was read)
                 repeat=1,          # passes over `ds` (in one DataLoader: longer timing, one start-up)
                 ) -> dict:
-    "Clips/s of `repeat` passes over `ds` with `workers` processes, timed from the first batch; plus the start-up time."
+    "Clips/s of `repeat` passes over `ds` with `workers` processes (one OpenCV thread each), timed from the first batch; plus the start-up time."
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, sampler=list(range(len(ds))) * repeat)
+    cv_threads = cv2.getNumThreads()   # one OpenCV thread here and in the workers forked below (never set it inside a forked worker: OpenCV's pool hangs there)
+    cv2.setNumThreads(1)
     t0 = time.perf_counter(); it = iter(dl)
     try:
         n0 = len(next(it)[0]); t1 = time.perf_counter(); n = 0
@@ -117,7 +120,7 @@ def loader_rate(ds,                # a map-style dataset of (clip, target) items
             n += len(x)
             if max_seconds is not None and time.perf_counter() - t0 > max_seconds: break
         t2 = time.perf_counter()
-    finally: del it
+    finally: del it; cv2.setNumThreads(cv_threads)
     steady = n / (t2 - t1) if n else n0 / (t1 - t0)
     return dict(clips=n0 + n, seconds=round(t2 - t0, 3), startup_s=round(t1 - t0, 3), clips_per_s=steady)
 
@@ -132,24 +135,26 @@ def _cache_frames(cache_dir) -> int:
     return json.loads(meta.read_text()).get('n_frames', 16) if meta.exists() else 16
 
 def data_datasets(data_dir, cache_dir, size=224, n_clips=40) -> dict:
-    "The data paths of `DATA_PATHS` over the same `n_clips` clips (the first of the cache's index)."
+    "The data paths of `DATA_PATHS` over the same `n_clips` clips (the first of the cache's index), one grey channel per item as the landmark task loads them."
     index, _ = read_cache_index(cache_dir)
     names = list(index.FileName[:n_clips])
     recs = {r.FileName: r for r in scan_dataset(data_dir, check_videos=False).records}
     missing = [n for n in names if n not in recs]
     if missing: raise ValueError(f'{cache_dir} holds clips that {data_dir} has no usable record for (e.g. {missing[:3]}); was it prepared from another folder?')
     return {'avi': AviClips([recs[n] for n in names], size, _cache_frames(cache_dir)),
-            'cache': EchoClips(cache_dir, names=names, size=size),
-            'cache+augment': EchoClips(cache_dir, names=names, size=size, augment=True),
-            'cache+albumentations': EchoClips(cache_dir, names=names, size=size, augment='albumentations')}
+            'cache': EchoClips(cache_dir, names=names, size=size, channels=1),
+            'cache+augment': EchoClips(cache_dir, names=names, size=size, augment=True, channels=1),
+            'cache+albumentations': EchoClips(cache_dir, names=names, size=size, augment='albumentations', channels=1)}
 
 def bench_data(data_dir, cache_dir, size=224, workers=(0, 1, 2), n_clips=40, batch_size=4, max_seconds=20, repeat=2,
-               progress=True, paths=None) -> pd.DataFrame:
+               progress=True, paths=None,
+               rounds=3) -> pd.DataFrame:   # runs per (path, workers); the median is reported (a shared machine is noisy)
     "Clips/s of the data paths (`paths`, default all of `DATA_PATHS`) for each number of DataLoader workers."
     sets, rows = data_datasets(data_dir, cache_dir, size, n_clips), []
     jobs = [(p, w) for p in (paths or DATA_PATHS) for w in workers]
     for path, w in tqdm(jobs, desc='data', disable=not progress):
-        rows.append(dict(path=path, workers=w, size=size, **loader_rate(sets[path], w, batch_size, max_seconds, repeat)))
+        runs = sorted((loader_rate(sets[path], w, batch_size, max_seconds, repeat) for _ in range(rounds)), key=lambda r: r['clips_per_s'])
+        rows.append(dict(path=path, workers=w, size=size, rounds=rounds, **runs[len(runs) // 2]))
     return pd.DataFrame(rows)
 
 # %% ../../nbs/10_bench.measure.ipynb #392ae83d
@@ -194,16 +199,15 @@ def _stages_once(sets, batch_size, device='cpu', augment_batch=20) -> pd.DataFra
     n, size, recs = len(cache), cache.size, avi.records
     steps = {}
     steps['decode AVI + sample (AVI path only)'] = _per_clip(lambda i: read_frames(recs[i].path, clip_indices(recs[i].ed_frame, recs[i].es_frame, avi.n_frames)), n)
-    steps['read cached clip (cache paths)'] = _per_clip(lambda i: load_clip(cache.cache_dir, cache.index.FileName[i]), n)
+    steps['read cached clip (cache paths)'] = _per_clip(lambda i: grey_channel(load_clip(cache.cache_dir, cache.index.FileName[i], check_source=False)), n)
     clips = steps['read cached clip (cache paths)'][2]
-    grey = lambda ds, c: np.ascontiguousarray(c[..., :1]) if ds.grey else c    # what `EchoClips` processes
-    steps[f'resize to {size}², one grey channel (cache)'] = _per_clip(lambda i: resize_frames(grey(cache, clips[i]), size), n)
-    steps[f'3-channel resize to {size}² (cache+albumentations)'] = _per_clip(lambda i: resize_frames(clips[i], size), n)
+    steps[f'resize to {size}², one grey channel (cache)'] = _per_clip(lambda i: resize_frames(clips[i], size), n)
+    steps[f'3-channel resize to {size}² (cache+albumentations)'] = _per_clip(lambda i: resize_frames(np.repeat(clips[i], 3, -1), size), n)
     big = steps[f'3-channel resize to {size}² (cache+albumentations)'][2]
     rng = np.random.default_rng(0)
-    steps['augment, fast path incl. resize (cache+augment)'] = _per_clip(lambda i: apply_augmentation(grey(aug, clips[i]), aug.kpts[i], draw_augmentation(rng, size), size), n)
+    steps['augment, fast path incl. resize (cache+augment)'] = _per_clip(lambda i: apply_augmentation(clips[i], aug.kpts[i], draw_augmentation(rng, size, channels=1), size), n)
     steps['augment, albumentations (cache+albumentations)'] = _per_clip(lambda i: augment_clip(ref.tf, big[i], scale_keypoints(ref.kpts[i], clips[i].shape[1:3], size)), n)
-    xs = [cache[i][0] for i in range(n)]   # the dataset's items (grey: one channel expanded to 3)
+    xs = [cache[i][0] for i in range(n)]   # the dataset's items (one grey channel)
     steps[f'collate (batch {batch_size})'] = tuple(v / batch_size for v in _per_clip(lambda j: torch.stack(xs[j * batch_size:(j + 1) * batch_size]), n // batch_size or 1)[:2])
     tr = transfer_ms(torch.stack(xs[:batch_size]), device)
     steps[f'transfer to {device} (pinned batch)'] = (tr / batch_size, None) if tr is not None else (None, None)

@@ -158,12 +158,13 @@ class BatchAugment(Callback):
         rng = self._rng()
         return [draw_augmentation(rng, size, self.p, noise_map=False) for _ in range(n)]
 
-    def augment_batch(self, x,            # (B, C, T, H, W) clips in 0..255, uint8 or float, any device
+    def augment_batch(self, x,            # (B, 3, T, H, W) clips in 0..255, uint8 or float, any device; grey (B, 1, ...) is replicated to 3
                       y,                  # (B, ..., 2) keypoints, normalised (pixel-centre convention)
                       draws=None):        # one draw per clip (default: new ones)
         "The augmented batch (x in x's dtype, `size`×`size` frames) and its keypoints."
         if x.ndim != 5 or x.shape[-1] != x.shape[-2] or y.shape[-1] != 2 or len(y) != len(x):
             raise ValueError(f'BatchAugment expects square clips (B, C, T, H, H) and keypoints (B, ..., 2), got {tuple(x.shape)} and {tuple(y.shape)}')
+        if x.shape[1] == 1: x = x.expand(-1, 3, -1, -1, -1)   # a grey batch (what the landmark task loads): RGB from here, on x's device
         h, size = x.shape[-1], self.size or x.shape[-1]
         draws = self.draws(len(x), size) if draws is None else draws
         gen = torch.Generator(device=x.device).manual_seed(int(self._rng().integers(2**62)))

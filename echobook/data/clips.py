@@ -4,7 +4,7 @@
 
 # %% ../../nbs/01aa_data.clips.ipynb #661ecdb7
 from __future__ import annotations
-import math, time
+import math, re, time
 from pathlib import Path
 from typing import Sequence
 
@@ -21,8 +21,8 @@ from .echonet import clip_indices, keypoints_to_mask, read_video, resize_frames,
 # %% auto #0
 __all__ = ['PAPER_FRACTIONS', 'AUGMENT_GROUPS', 'CACHE_VERSION', 'TARGETS', 'LandmarkClips', 'fraction_count', 'fraction_subset',
            'landmark_augmentation', 'augment_clip', 'crop_matrix', 'affine_matrix', 'draw_augmentation', 'pixel_lut',
-           'gaussian_kernel', 'apply_augmentation', 'from_albumentations', 'prepare_cache', 'read_cache_index',
-           'load_clip', 'EchoClips', 'denormalize_keypoints']
+           'gaussian_kernel', 'grey_channel', 'apply_augmentation', 'from_albumentations', 'prepare_cache',
+           'read_cache_index', 'read_u8_npy', 'load_clip', 'EchoClips', 'denormalize_keypoints']
 
 # %% ../../nbs/01aa_data.clips.ipynb #ccdaf3f3
 PAPER_FRACTIONS = {0.005: (36, 6), 0.01: (73, 12), 0.02: (147, 25), 0.10: (739, 127), 0.25: (1848, 318),
@@ -75,7 +75,7 @@ def affine_matrix(tx, ty, sx, sy, degrees, size) -> np.ndarray:
     return m
 
 # %% ../../nbs/01aa_data.clips.ipynb #961c473f
-def _draw_crop(rng, size, _):
+def _draw_crop(rng, size, *_):
     "RandomResizedCrop(scale=(0.8, 1), ratio=(0.9, 1.1)): up to 10 tries at a box inside the frame, else the whole frame."
     area = size * size
     for _ in range(10):
@@ -86,16 +86,16 @@ def _draw_crop(rng, size, _):
             return dict(box=(x0, y0, x0 + w, y0 + h), matrix=crop_matrix(x0, y0, x0 + w, y0 + h, size))
     return dict(box=(0, 0, size, size), matrix=np.eye(3))
 
-def _draw_affine(rng, size, _):
+def _draw_affine(rng, size, *_):
     "Affine(translate_percent=±6.25 %, scale=(0.9, 1.1) per axis, rotate=±15°); the shift is whole pixels."
     tx, ty = (int(rng.uniform(-0.0625, 0.0625) * size) for _ in range(2))
     sx, sy, deg = rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1), rng.uniform(-15, 15)
     return dict(shift=(tx, ty), scale=(sx, sy), degrees=deg, matrix=affine_matrix(tx, ty, sx, sy, deg, size))
 
-def _draw_noise(rng, size, noise_map):
-    "GaussNoise(std_range=(0.02, 0.08)): one (size, size, 3) map of N(0, std·255), shared by all frames."
+def _draw_noise(rng, size, noise_map, channels=3):
+    "GaussNoise(std_range=(0.02, 0.08)): one (size, size, channels) map of N(0, std·255), shared by all frames."
     std = rng.uniform(0.02, 0.08) * 255
-    return dict(std=std, map=rng.standard_normal((size, size, 3), dtype=np.float32) * np.float32(std) if noise_map else None)
+    return dict(std=std, map=rng.standard_normal((size, size, channels), dtype=np.float32) * np.float32(std) if noise_map else None)
 
 _DRAW = {('geometric', 'crop'): _draw_crop, ('geometric', 'affine'): _draw_affine,
          ('intensity', 'brightness_contrast'): lambda rng, *_: dict(alpha=1 + rng.uniform(-0.2, 0.2), beta=rng.uniform(-0.2, 0.2) * 255),
@@ -108,12 +108,13 @@ _DRAW = {('geometric', 'crop'): _draw_crop, ('geometric', 'affine'): _draw_affin
 def draw_augmentation(rng: np.random.Generator,   # the clip's random numbers
                       size=224,                   # frame size the geometric draw refers to
                       p=(0.6, 0.6, 0.3, 0.3),     # probability of each group
-                      noise_map=True) -> dict:    # draw the Gaussian noise map too (False: only its std)
+                      noise_map=True,             # draw the Gaussian noise map too (False: only its std)
+                      channels=3) -> dict:        # channels of that map: 3 (albumentations, per channel) or 1 (a grey clip: a third of the draw)
     "One clip's draw of the paper's four groups, {group: (kind, params) or None}, with `landmark_augmentation`'s distributions."
     out = {}
     for (group, kinds), pg in zip(AUGMENT_GROUPS.items(), p):
         kind = kinds[rng.integers(len(kinds))] if rng.random() < pg else None
-        out[group] = None if kind is None else (kind, _DRAW[group, kind](rng, size, noise_map))
+        out[group] = None if kind is None else (kind, _DRAW[group, kind](rng, size, noise_map, channels))
     return out
 
 # %% ../../nbs/01aa_data.clips.ipynb #f264cf28
@@ -135,6 +136,10 @@ def gaussian_kernel(ksize, sigma) -> np.ndarray:
     return k / k.sum()
 
 # %% ../../nbs/01aa_data.clips.ipynb #8286d2ff
+def grey_channel(frames) -> np.ndarray:
+    "Channel 0 of (T, H, W, C) frames, contiguous (T, H, W, 1): echo is grey, its decoded channels differ only by codec noise."
+    return np.ascontiguousarray(frames[..., :1])
+
 def _to_channels(frames) -> np.ndarray:
     "(T, H, W, C) frames → one (H, W, T·C) image (cv2.transpose of C-byte pixels: fast)."
     t, h, w, c = frames.shape
@@ -159,7 +164,7 @@ def _per_frame(fn, frames):
     return frames
 
 def _add_noise(frames, noise):
-    "Add one (H, W, 3) noise map to every frame, in place, truncated to uint8 as albumentations does (noise floored, saturating)."
+    "Add one (H, W, C) noise map to every frame, in place, truncated to uint8 as albumentations does (noise floored, saturating)."
     n = np.floor(noise)
     up, down = (np.clip(v, 0, 255).astype(np.uint8) for v in (n, -n))
     for f in frames: cv2.add(f, up, dst=f); cv2.subtract(f, down, dst=f)
@@ -238,16 +243,16 @@ def from_albumentations(applied, size=224) -> dict:
     return out
 
 # %% ../../nbs/01aa_data.clips.ipynb #9c6d2046
-CACHE_VERSION = 2
+CACHE_VERSION = 3   # 3: clips stored as one grey channel (2: the 3 decoded channels)
 
 def _clip_path(cache_dir, name) -> Path: return Path(cache_dir)/'clips'/f'{name}.npy'
 def _source_path(cache_dir, name) -> Path: return Path(cache_dir)/'clips'/f'{name}.json'
 
 def _valid_clip(path, n_frames) -> bool:
-    "Whether `path` holds a readable (n_frames, H, W, 3) uint8 clip (header check, no full read)."
+    "Whether `path` holds a readable (n_frames, H, W, 1) uint8 clip (header check, no full read)."
     try: a = np.load(path, mmap_mode='r', allow_pickle=False)
     except (OSError, ValueError, EOFError): return False
-    return a.dtype == np.uint8 and a.ndim == 4 and a.shape[0] == n_frames and a.shape[3] == 3
+    return a.dtype == np.uint8 and a.ndim == 4 and a.shape[0] == n_frames and a.shape[3] == 1
 
 def _clip_is_current(cache_dir, name, frames, stamp) -> bool:
     "Whether the cached clip `name` was decoded from a file with this `stamp`, at these `frames`, and is readable."
@@ -263,7 +268,7 @@ def _prepare_one(args) -> tuple[str, dict|None, str]:
     try:
         frames, stamp = clip_indices(rec.ed_frame, rec.es_frame, n_frames), source_stamp(rec.path)
         if _clip_is_current(cache_dir, rec.FileName, frames, stamp): return rec.FileName, stamp, 'reused'
-        save_npy_atomic(_clip_path(cache_dir, rec.FileName), read_video(rec.path)[frames])
+        save_npy_atomic(_clip_path(cache_dir, rec.FileName), grey_channel(read_video(rec.path)[frames]))
         atomic_write_json(_source_path(cache_dir, rec.FileName), dict(path=rec.path, stamp=stamp, frames=frames))
     except (EchobookDataError, ValueError, cv2.error) as e: return rec.FileName, None, str(e)
     return rec.FileName, stamp, 'decoded'
@@ -344,12 +349,26 @@ def read_cache_index(cache_dir, check_sources=True) -> tuple[pd.DataFrame, np.nd
     if check_sources: _check_sources(cache_dir, index)
     return index, kpts
 
-def load_clip(cache_dir, name) -> np.ndarray:
-    "One cached clip, (T, H, W, 3) uint8; raises naming the file if it is missing, unreadable or its video changed."
-    path, src = _clip_path(cache_dir, name), read_json(_source_path(cache_dir, name), {})
+_U8_HEADER = re.compile(r"\{'descr': '\|u1', 'fortran_order': False, 'shape': \(([\d, ]+)\), \}")
+
+def read_u8_npy(path) -> np.ndarray:
+    "A uint8 C-order `.npy` file read straight into its array (half of `np.load`'s time on a clip); any other file through `np.load`."
+    with open(path, 'rb') as f:
+        head = f.read(10)
+        m = _U8_HEADER.match(f.read(int.from_bytes(head[8:10], 'little')).decode('latin1')) if head[:8] == b'\x93NUMPY\x01\x00' else None
+        if m:
+            a = np.empty(tuple(int(s) for s in m.group(1).split(',') if s.strip()), np.uint8)
+            if f.readinto(memoryview(a).cast('B')) == a.nbytes and not f.read(1): return a
+    return np.load(path, allow_pickle=False)
+
+def load_clip(cache_dir, name,
+              check_source=True) -> np.ndarray:   # False: its video was checked already (`read_cache_index` checks all of them)
+    "One cached clip, (T, H, W, 1) uint8 grey (a cache of version < 3: 3 channels); raises naming the file if it is missing, unreadable or its video changed."
+    path = _clip_path(cache_dir, name)
+    src = read_json(_source_path(cache_dir, name), {}) if check_source else None
     if src and _changed_sources({src['path']: src['stamp']}):
         raise EchobookDataError(path, f"its video {src['path']} changed since it was cached; rerun `echobook prepare`")
-    try: clip = np.load(path, allow_pickle=False)
+    try: clip = read_u8_npy(path)
     except (OSError, ValueError, EOFError) as e: raise EchobookDataError(path, f'cannot read cached clip ({e}); delete it and rerun prepare') from None
     if clip.ndim != 4 or clip.dtype != np.uint8: raise EchobookDataError(path, f'unexpected clip array {clip.dtype}{clip.shape}')
     return clip
@@ -384,11 +403,9 @@ class EchoClips(torch.utils.data.Dataset):
                  names=None,              # these FileNames instead of split + fraction
                  frames=None,             # None: all cached frames; n: n evenly spaced; list: positions (0 = ED, -1 = ES)
                  target='keypoints',      # one of `TARGETS`
-                 channels=3,              # 3 (as decoded) or 1 (grey)
-                 grey=True):              # process channel 0 only, replicated (echo is grey; ~3× faster); False: the 3 decoded channels
+                 channels=3):             # 3: the grey channel replicated (a view; what encoders take); 1: one channel (encoders broadcast it on the device)
         if target not in TARGETS: raise ValueError(f'target must be one of {TARGETS}, got {target!r}')
         self.cache_dir, self.size, self.frames, self.target, self.channels = Path(cache_dir), size, frames, target, channels
-        self.grey = grey and augment != 'albumentations'   # the reference path stays on the decoded channels
         index, kpts = read_cache_index(cache_dir)
         rows = _select_rows(index, split, fraction, seed, names)
         bad = ~np.isfinite(rows[_EF_COLUMN[target]].to_numpy(float)) if target in _EF_COLUMN else np.zeros(len(rows), bool)
@@ -396,6 +413,7 @@ class EchoClips(torch.utils.data.Dataset):
         rows = rows[~bad]
         if not len(rows): raise EchobookDataError(cache_dir, f'no clips for split {split!r}' + (' with a finite EF' if bad.any() else ''))
         self.index, self.kpts = rows.reset_index(drop=True), kpts[rows.index.to_numpy()]
+        self._names = self.index.FileName.tolist()   # a list lookup per item, not pandas' (~70 µs)
         if augment not in (False, True, 'albumentations'): raise ValueError(f"augment must be False, True or 'albumentations', got {augment!r}")
         self.augment, self.seed, self._rng = augment, seed, (None, None)
         self.tf = landmark_augmentation(size, seed=seed) if augment == 'albumentations' else None
@@ -421,15 +439,15 @@ class EchoClips(torch.utils.data.Dataset):
         return self._rng[0]
 
     def __getitem__(self, i):
-        clip = load_clip(self.cache_dir, self.index.FileName[i])
-        clip = clip[_clip_positions(self.frames, len(clip))]
-        if self.grey: clip = np.ascontiguousarray(clip[..., :1])
-        if self.augment is True: frames, kp = apply_augmentation(clip, self.kpts[i], draw_augmentation(self.rng(), self.size), self.size)
+        clip = load_clip(self.cache_dir, self._names[i], check_source=False)   # every source was checked when the index was read
+        clip = grey_channel(clip if self.frames is None else clip[_clip_positions(self.frames, len(clip))])
+        if self.tf is not None: clip = np.repeat(clip, 3, -1)   # the albumentations reference works on RGB
+        if self.augment is True: frames, kp = apply_augmentation(clip, self.kpts[i], draw_augmentation(self.rng(), self.size, channels=1), self.size)
         else:
             frames, kp = resize_frames(clip, self.size), scale_keypoints(self.kpts[i], clip.shape[1:3], self.size)
             if self.tf is not None: frames, kp = augment_clip(self.tf, frames, kp)
         x = torch.from_numpy(np.ascontiguousarray(frames).reshape(len(frames), self.size, self.size, -1)).permute(3, 0, 1, 2)
-        return x.expand(self.channels, -1, -1, -1) if self.grey else x[:self.channels], self._target(i, kp)
+        return (x[:self.channels] if self.tf is not None else x.expand(self.channels, -1, -1, -1)), self._target(i, kp)
 
 LandmarkClips = EchoClips
 

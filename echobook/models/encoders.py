@@ -52,9 +52,9 @@ IMAGENET_STD = tuple(255 * s for s in (0.229, 0.224, 0.225))
 
 
 def _check_clip(x, spec):
-    "Raise a clear error unless `x` is a (B, 3, T, H, W) clip batch that `spec` accepts."
-    if x.ndim != 5 or x.shape[1] != 3:
-        raise ValueError(f"{spec.name} expects clips (B, 3, T, H, W) in 0..255, got {tuple(x.shape)}")
+    "Raise a clear error unless `x` is a (B, 3, T, H, W) clip batch, or a grey (B, 1, T, H, W) one, that `spec` accepts."
+    if x.ndim != 5 or x.shape[1] not in (1, 3):
+        raise ValueError(f"{spec.name} expects clips (B, 3, T, H, W) or grey (B, 1, T, H, W) in 0..255, got {tuple(x.shape)}")
     if spec.fixed_input and tuple(x.shape[2:]) != (spec.frames, spec.size, spec.size):
         raise ValueError(f"{spec.name} was built for {spec.frames}×{spec.size}×{spec.size} clips, got "
                          f"{'×'.join(map(str, x.shape[2:]))}; use create_encoder('{spec.name}', frames=..., size=...)")
@@ -100,7 +100,7 @@ class Encoder(nn.Module):
         return _stem_modules(self.model, set(self.block_names + self.post_names)) + self.blocks() + self.post_blocks()
 
     def normalize(self, x):
-        "Check the clip shape and normalise 0..255 pixels with the spec's mean/std."
+        "Check the clip shape and normalise 0..255 pixels with the spec's mean/std (a grey clip is broadcast to 3 channels here, on its device)."
         _check_clip(x, self.spec)
         return (x.float() - self.mean) / self.std
 

@@ -27,11 +27,12 @@ __all__ = ['HEAD_INITS', 'AUGMENT_ON', 'landmark_datasets', 'mean_shape_normalis
 
 # %% ../../nbs/06_tasks.landmarks.ipynb #b94374a1
 def landmark_datasets(cache_dir, fraction=1.0, seed=0, size=224, augment=False):
-    "Train (augmented if asked), validation and test `EchoClips` of a prepared cache."
-    train = EchoClips(cache_dir, 'TRAIN', fraction=fraction, seed=seed, size=size, augment=augment)
-    valid = EchoClips(cache_dir, 'VAL', fraction=fraction, seed=seed, size=size)
-    test = EchoClips(cache_dir, 'TEST', size=size)
+    "Train (augmented if asked), validation and test `EchoClips` of a prepared cache: one grey channel (the encoder broadcasts it to 3 on the device)."
+    train = EchoClips(cache_dir, 'TRAIN', fraction=fraction, seed=seed, size=size, augment=augment, channels=1)
+    valid = EchoClips(cache_dir, 'VAL', fraction=fraction, seed=seed, size=size, channels=1)
+    test = EchoClips(cache_dir, 'TEST', size=size, channels=1)
     return train, valid, test
+
 
 # %% ../../nbs/06_tasks.landmarks.ipynb #1017419a
 def mean_shape_normalised(train: EchoClips) -> np.ndarray:

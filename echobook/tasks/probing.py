@@ -10,7 +10,7 @@ import numpy as np, pandas as pd
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
-from ..core import ConfigError, EchobookDataError, dataset_stamp
+from ..core import ConfigError, EchobookDataError, atomic_write_json, dataset_stamp
 from ..config import load_profile, load_citation
 from ..data.views import ViewImages, image_table, prepare_views, scan_views, view_classes
 from ..models.encoders import Encoder
@@ -22,7 +22,7 @@ __all__ = ['DEFAULT_LR', 'LR_OF', 'probing_profile', 'probing_datasets', 'clip_f
            'images_identity', 'probe_embeddings', 'sample_images', 'sample_sequences', 'size_ladder', 'training_sizes',
            'sample_training', 'majority_vote', 'balanced_accuracy', 'view_metrics', 'confusion', 'class_scores',
            'fit_probe', 'probe_curve', 'finetune_lr', 'epochs_for', 'finetune', 'probe_run', 'finetune_run',
-           'evaluate_probing', 'inference_ms']
+           'evaluate_probing', 'inference_ms', 'write_embed_smoke']
 
 # %% ../../nbs/06c_tasks.probing.ipynb #b33a4f29
 def probing_profile(profile='tiny',      # tiny or paper (configs/profiles/probing.yaml)
@@ -328,3 +328,10 @@ def inference_ms(encoder: Encoder, batch_size=8, repeats=5, device=None) -> floa
         if device == 'cuda': torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return 1000 * float(np.median(times)) / batch_size
+
+def write_embed_smoke(folder, ms_per_image, batch_size=8, device=None) -> Path:
+    "`<folder>/smoke.json` for a probe's one embedding pass (it trains nothing): `inference_ms` as steps of `batch_size` images, for the projected cost."
+    path = Path(folder)/'smoke.json'
+    atomic_write_json(path, dict(stage='embed', batch_size=batch_size, items_per_step=batch_size, step_s=ms_per_image * batch_size / 1000,
+                                 device=str(default_device(device)), how='inference_ms: forward only, random images'))
+    return path
