@@ -10,8 +10,8 @@ import torch.nn as nn
 from .encoders import Encoder
 
 # %% auto #0
-__all__ = ['count_parameters', 'allowed_k', 'freeze_encoder', 'saved_tensor_bytes', 'memory_breakdown', 'activation_memory_proxy',
-           'peak_memory', 'memory_vs_k', 'remove_regularization', 'drop_probabilities']
+__all__ = ['count_parameters', 'allowed_k', 'freeze_encoder', 'Adapter', 'add_adapters', 'saved_tensor_bytes', 'memory_breakdown',
+           'activation_memory_proxy', 'peak_memory', 'memory_vs_k', 'remove_regularization', 'drop_probabilities']
 
 # %% ../../nbs/02b_models.freezing.ipynb #1afb285d
 def count_parameters(module: nn.Module,        # any module
@@ -37,6 +37,34 @@ def freeze_encoder(encoder: Encoder,  # encoder to freeze in place
     if 0 < k and not full:
         for m in encoder.blocks()[-k:] + encoder.post_blocks(): m.requires_grad_(True)
     return encoder.train(encoder.training)  # refresh which parts run in eval mode
+
+# %% ../../nbs/02b_models.freezing.ipynb #086e8939
+class Adapter(nn.Module):
+    "Residual bottleneck on tokens (B, N, D): x + up(GELU(down(x))); `up` starts at zero (the identity)."
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.down, self.act, self.up = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight); nn.init.zeros_(self.up.bias)
+
+    def forward(self, x): return x + self.up(self.act(self.down(x)))
+
+
+def _adapt_output(block, inputs, output): return block.adapter(output)
+
+
+def add_adapters(encoder: Encoder,  # a transformer encoder (its blocks give (B, N, D) tokens)
+                 hidden: int) -> Encoder:  # bottleneck width (paper 001: 192 for ViT-S, 384 for ViT-B)
+    "Freeze `encoder` and put an `Adapter` after each of its blocks: only the adapters train."
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"{encoder.spec.name}: adapter width must be a positive int, got {hidden!r}")
+    dim = getattr(encoder.model, 'embed_dim', None)
+    if dim is None: raise ValueError(f"{encoder.spec.name}: adapters need a transformer encoder (a model with `embed_dim`)")
+    if any(hasattr(b, 'adapter') for b in encoder.blocks()): raise ValueError(f"{encoder.spec.name}: the encoder already has adapters")
+    for p in encoder.parameters(): p.requires_grad_(False)
+    for b in encoder.blocks():
+        b.adapter = Adapter(dim, hidden)
+        b.register_forward_hook(_adapt_output)
+    return encoder.train(encoder.training)
 
 # %% ../../nbs/02b_models.freezing.ipynb #0f87851c
 def _storage_key(t):
