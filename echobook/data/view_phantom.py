@@ -14,9 +14,10 @@ from ..core import atomic_write_json
 from .phantom import write_avi
 
 # %% auto #0
-__all__ = ['VIEWS', 'VIEW_DOMAINS', 'PAPER_SEQUENCES', 'PHANTOM_SPLITS', 'PHANTOM_DEFAULTS', 'chamber', 'view_layout',
-           'draw_scene', 'sector_mask', 'reflectivity', 'render_sequence', 'split_counts', 'seed_of',
-           'phantom_sequence', 'write_frames_folder', 'make_view_phantom', 'ensure_view_phantom', 'show_views']
+__all__ = ['VIEWS', 'VIEW_DOMAINS', 'PAPER_SEQUENCES', 'PHANTOM_SPLITS', 'PHANTOM_DEFAULTS', 'ECHOAPEX_VIEWS', 'ECHOAPEX_WEIGHTS',
+           'ECHOAPEX_LAYOUTS', 'chamber', 'view_layout', 'draw_scene', 'sector_mask', 'reflectivity', 'render_sequence',
+           'split_counts', 'seed_of', 'phantom_sequence', 'write_frames_folder', 'make_view_phantom',
+           'ensure_view_phantom', 'echoapex_layout', 'show_views']
 
 # %% ../../nbs/01b_data.view_phantom.ipynb #2f65ea4d
 VIEWS = ('2CH', '4CH', 'A-5CH', 'A-RV', 'APLAX', 'NO-ORGAN', 'P-SAX', 'PLAX', 'SAX-AV', 'SUBCOSTAL')  # paper 002, Table 2
@@ -50,8 +51,9 @@ def view_layout(view: str) -> list[tuple]:
         'SUBCOSTAL': _el('liver', .50, .12, .55, .28) + chamber(.62, .60, .22, .08, -12) + chamber(.58, .44, .18, .06, -12, .03)
                      + chamber(.32, .68, .09, .08, -12, .02, 'a') + chamber(.30, .53, .08, .06, -12, .02, 'a'),
     }
-    if view not in L: raise ValueError(f'unknown view {view!r}; phantom views: {VIEWS}')
-    return list(L[view])
+    if view in L: return list(L[view])
+    if view in ECHOAPEX_LAYOUTS: return echoapex_layout(view)
+    raise ValueError(f'unknown view {view!r}; phantom views: {VIEWS} and {ECHOAPEX_VIEWS}')
 
 # %% ../../nbs/01b_data.view_phantom.ipynb #d548185d
 VIEW_DOMAINS = dict(
@@ -115,7 +117,7 @@ def reflectivity(scene, c, size, rng) -> np.ndarray:
         scene._period = period
         for k in range(1, 6):
             _ellipse(img, (.5, -.02), (k * period, k * period), 0, scene.bright * .6 / k ** .5, size, max(1, size // 40))
-    levels = dict(myo=scene.myo, blood=scene.blood, bright=scene.bright, liver=scene.tissue * 1.4)
+    levels = dict(myo=scene.myo, blood=scene.blood, bright=scene.bright, liver=scene.tissue * 1.4, contrast=.8 * scene.bright)
     for role, cx, cy, ax, ay, ang, mo in scene.prims:
         k = _motion_scale(role, mo, c, scene.ef)
         _ellipse(img, (cx, cy), (ax * k, ay * k), ang, levels[role], size)
@@ -165,9 +167,13 @@ def split_counts(total,            # sequences in the split
                  minimum=2,        # floor per class present
                  views=VIEWS,      # classes to draw
                  balanced=False,   # equal counts instead of the paper's proportions
+                 weights=None,     # {view: relative share} instead of PAPER_SEQUENCES (e.g. ECHOAPEX_WEIGHTS)
                 ) -> dict[str, int]:
     "Sequences per class: `total` shared out in the paper's proportions (largest remainder), at least `minimum` each."
-    w = np.array([1. if balanced else PAPER_SEQUENCES[split][v] for v in views], float)
+    table = weights or PAPER_SEQUENCES[split]
+    if not balanced and (missing := [v for v in views if v not in table]):
+        raise ValueError(f'no class proportions for {missing}: pass balanced=True or weights={{view: share}}')
+    w = np.array([1. if balanced else table[v] for v in views], float)
     present = w > 0
     n = np.where(present, minimum, 0)
     rest = max(0, int(total) - int(n.sum()))
@@ -209,12 +215,13 @@ def make_view_phantom(root,                   # output folder
                       fmt='avi',              # 'avi' (MJPG) or 'png' (a folder of frames per sequence)
                       views=VIEWS,            # classes to draw
                       balanced=False,         # equal class counts instead of the paper's proportions
+                      weights=None,           # {view: relative share} (e.g. ECHOAPEX_WEIGHTS); None: PAPER_SEQUENCES
                       progress=True) -> Path:
     "Write a phantom view data set ROOT/<split>/<view>/<sequence>; returns ROOT."
     if fmt not in ('avi', 'png'): raise ValueError(f"fmt must be 'avi' or 'png', got {fmt!r}")
     root, sequences = Path(root), dict(sequences or PHANTOM_DEFAULTS)
     jobs = [(s, v, i) for s, tot in sequences.items() for v, n in split_counts(tot, s if s in PAPER_SEQUENCES else 'train',
-            views=views, balanced=balanced).items() for i in range(n)]
+            views=views, balanced=balanced, weights=weights).items() for i in range(n)]
     for s, v, i in tqdm(jobs, desc='phantom views', disable=not progress):
         video = phantom_sequence(seed, s, v, i, size, frames)
         out = root/s/v/f'{v}-{s}-{i:04d}'
@@ -222,7 +229,8 @@ def make_view_phantom(root,                   # output folder
         if fmt == 'avi': write_avi(out.with_suffix('.avi'), video, 25)
         else: write_frames_folder(out, video)
     atomic_write_json(root/'phantom.json', dict(sequences=sequences, seed=seed, size=size, frames=list(frames), fmt=fmt,
-                                                views=list(views), balanced=balanced, domains=PHANTOM_SPLITS))
+                                                views=list(views), balanced=balanced, domains=PHANTOM_SPLITS,
+                                                **({'weights': dict(weights)} if weights else {})))
     return root
 
 
@@ -238,6 +246,48 @@ def ensure_view_phantom(root, **kwargs) -> Path:
         if not (root/'phantom.json').exists(): raise
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+# %% ../../nbs/01b_data.view_phantom.ipynb #0946fa2c
+ECHOAPEX_VIEWS = ('A2C', 'A3C', 'A4C', 'A5C', 'Cont:A2C', 'Cont:A3C', 'Cont:A4C', 'Cont:SAX', 'PLAX:ID', 'PLAX:LV',
+                  'PLAX:RVN', 'PLAX:RVT', 'PLAX:VAL', 'PSAX:AV', 'PSAX:MV', 'PSAX:PAP', 'SC:4C', 'SC:IVC')  # seed 001 lines 985-1002
+ECHOAPEX_WEIGHTS = {v: 4. if v[:1] == 'A' or v.startswith('SC') else 1. for v in ECHOAPEX_VIEWS}  # relative shares (not printed)
+
+
+def _contrast(prims): return [('contrast' if p[0] == 'blood' else p[0], *p[1:]) for p in prims]
+
+
+def _zoom(prims, c, f, to=(.5, .5)):
+    "Primitives scaled by `f` about point `c`, which moves to `to`."
+    return [(r, to[0] + f * (x - c[0]), to[1] + f * (y - c[1]), f * ax, f * ay, a, m) for r, x, y, ax, ay, a, m in prims]
+
+
+ECHOAPEX_LAYOUTS = {  # class → primitives, from the layouts of `view_layout`
+    'A2C': lambda: view_layout('2CH'), 'A3C': lambda: view_layout('APLAX'), 'A4C': lambda: view_layout('4CH'),
+    'A5C': lambda: view_layout('A-5CH'), 'Cont:A2C': lambda: _contrast(view_layout('2CH')),
+    'Cont:A3C': lambda: _contrast(view_layout('APLAX')), 'Cont:A4C': lambda: _contrast(view_layout('4CH')),
+    'Cont:SAX': lambda: _contrast(view_layout('P-SAX')), 'PLAX:LV': lambda: view_layout('PLAX'),
+    'PLAX:ID': lambda: _zoom(view_layout('PLAX'), (.5, 0.), .62, (.5, 0.)) + _el('bright', .50, .70, .32, .012, 6)
+                       + chamber(.62, .82, .05, .05, 0, .02, 's'),
+    'PLAX:VAL': lambda: _zoom(view_layout('PLAX'), (.68, .42), 1.9) + _el('bright', .44, .42, .14, .012, 20)
+                        + _el('bright', .42, .56, .12, .012, -25),
+    'PLAX:RVN': lambda: chamber(.45, .38, .20, .11, 20, .03) + chamber(.56, .72, .16, .11, 20, .02, 'a')
+                        + _el('bright', .50, .56, .13, .012, 20),
+    'PLAX:RVT': lambda: chamber(.50, .25, .30, .07, 0, .03) + chamber(.58, .56, .06, .22, -30, .025, 's')
+                        + chamber(.33, .56, .09, .09, 0, .03, 's') + _el('bright', .53, .40, .07, .01, -30),
+    'PSAX:AV': lambda: view_layout('SAX-AV'), 'PSAX:PAP': lambda: view_layout('P-SAX'),
+    'PSAX:MV': lambda: chamber(.40, .30, .22, .06, -20, .03) + chamber(.52, .58, .19, .17, 0, .05)
+                       + _el('bright', .52, .52, .13, .018) + _el('bright', .52, .64, .13, .018),
+    'SC:4C': lambda: view_layout('SUBCOSTAL'),
+    'SC:IVC': lambda: _el('liver', .45, .30, .60, .34) + chamber(.45, .56, .32, .045, -8, .02, 's')
+                      + chamber(.82, .60, .10, .09, 0, .02, 'a') + chamber(.33, .44, .13, .03, 40, .015, 's'),
+}
+
+
+def echoapex_layout(view: str) -> list[tuple]:
+    "Primitives of one of paper 001's 18 classes (`ECHOAPEX_VIEWS`)."
+    if view not in ECHOAPEX_LAYOUTS: raise ValueError(f'unknown paper-001 view {view!r}; classes: {ECHOAPEX_VIEWS}')
+    return list(ECHOAPEX_LAYOUTS[view]())
+
 
 # %% ../../nbs/01b_data.view_phantom.ipynb #d07550a9
 def show_views(split='train', seed=0, size=112, views=VIEWS, axs=None):
