@@ -4,25 +4,27 @@
 
 # %% ../../nbs/02_models.encoders.ipynb #3ee461b4
 from __future__ import annotations
-import fnmatch, sys, warnings
+import fnmatch, math, sys, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 import torch
 import torch.nn as nn
 import torchvision
-from ..core import MissingWeightsError
+from ..core import MissingWeightsError, atomic_write_bytes
 from .backbones import (weights_dir, hub_checkpoints_dir, hf_snapshot_dirs, find_weights, load_checkpoint,
                                        load_strict, mvit_v2_s_arch, resize_rel_pos, sincos_table, PanEchoBackbone, echoclip_visual)
 _weights_dir = weights_dir  # for functions whose `weights_dir` argument shadows the function
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'VIT_TAG', 'MVIT_BLOCKS', 'ECHOPRIME_MEAN', 'ECHOPRIME_STD', 'CLIP_MEAN', 'CLIP_STD',
-           'POOLS', 'ECHOCLIP_REPO', 'ECHOCLIP_FILES', 'EncoderSpec', 'Encoder', 'register_encoder', 'list_encoders',
-           'create_encoder', 'resnet18_2d__in1k', 'r3d_18__k400', 'vit_base_patch16_224__in21k', 'mvit_v2_s__k400',
-           'mvit_v2_s__echoprime', 'panecho__panecho', 'vit_base_patch14_dinov2__lvd142m',
-           'vit_small_patch14_dinov2__lvd142m', 'vit_small_patch8_224__dino', 'vit_base_patch16_clip_224__openai',
-           'vit_base_patch16_224__mae', 'resnet50__a1_in1k', 'convnext_base__echoclip']
+           'POOLS', 'ECHOCLIP_REPO', 'ECHOCLIP_FILES', 'ECHOAPEX', 'ECHOAPEX_FILE', 'ECHOAPEX_SOURCE', 'EncoderSpec',
+           'Encoder', 'register_encoder', 'list_encoders', 'create_encoder', 'resnet18_2d__in1k', 'r3d_18__k400',
+           'vit_base_patch16_224__in21k', 'mvit_v2_s__k400', 'mvit_v2_s__echoprime', 'panecho__panecho',
+           'vit_base_patch14_dinov2__lvd142m', 'vit_small_patch14_dinov2__lvd142m', 'vit_small_patch8_224__dino',
+           'vit_base_patch16_clip_224__openai', 'vit_base_patch16_224__mae', 'resnet50__a1_in1k',
+           'convnext_base__echoclip', 'echoapex_dir', 'save_echoapex', 'vit_small_patch8_224__echoapex',
+           'vit_base_patch14_dinov2__echoapex']
 
 # %% ../../nbs/02_models.encoders.ipynb #84e706ff
 @dataclass
@@ -403,3 +405,51 @@ def convnext_base__echoclip(pretrained=False, weights_dir=None, size=224, frames
                        weights=f'echo-clip/{ECHOCLIP_FILES[0]}', source=f'hf-hub:{ECHOCLIP_REPO} (open_clip)')
     blocks = [f'trunk.stages.{s}.blocks.{j}' for s, n in enumerate((3, 3, 27, 3)) for j in range(n)]
     return Encoder(m, spec, blocks, ['trunk.head', 'head'])
+
+# %% ../../nbs/02_models.encoders.ipynb #a9bf1ae4
+ECHOAPEX = {'vit_small_patch8_224': 'vit_small_patch8_224.dino',         # EchoApex-S: ViT-S/8 from DINOv1 (seed 001 lines 768-770)
+            'vit_base_patch14_dinov2': 'vit_base_patch14_dinov2.lvd142m'} # EchoApex-B: ViT-B/14 from DINOv2 (lines 757-759)
+ECHOAPEX_FILE = 'model.safetensors'
+ECHOAPEX_SOURCE = 'echobook continual pretraining (`echobook reproduce echoapex_pretrain`, nbs/experiments/pretrain.ipynb writes it)'
+
+
+def echoapex_dir(arch, weights_dir=None) -> Path:
+    "The folder of `<arch>.echoapex`'s weights file."
+    return Path(weights_dir or _weights_dir())/f'{arch}.echoapex'
+
+
+def save_echoapex(vit: nn.Module, arch, weights_dir=None) -> Path:
+    "Write timm ViT `vit`'s weights as `<arch>.echoapex`'s weights file (atomically); returns its path."
+    from safetensors.torch import save
+    if arch not in ECHOAPEX: raise ValueError(f'arch must be one of {sorted(ECHOAPEX)}, got {arch!r}')
+    path = echoapex_dir(arch, weights_dir)/ECHOAPEX_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous().clone() for k, v in vit.state_dict().items()}))
+    return path
+
+
+def _echoapex_encoder(arch, pretrained, weights_dir, size, frames) -> Encoder:
+    "The ViT of `arch` with echobook's continually pretrained weights (depth and native size from the file)."
+    import sys, timm
+    name = f'{arch}.echoapex'
+    p = find_weights(ECHOAPEX_FILE, [echoapex_dir(arch, weights_dir)], source=ECHOAPEX_SOURCE, encoder=name) if pretrained else None
+    sd = load_checkpoint(p) if p else {}
+    depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.')) if sd else None
+    m = timm.create_model(ECHOAPEX[arch], pretrained=False, img_size=size, **({'depth': depth} if depth else {}))
+    native = m.patch_embed.patch_size[0] * round(math.sqrt(sd['pos_embed'].shape[1] - m.num_prefix_tokens)) if sd else size
+    if sd: load_strict(m, sys.modules[type(m).__module__].checkpoint_filter_fn(sd, m), p, name)
+    spec = EncoderSpec(name, frames, size, IMAGENET_MEAN, IMAGENET_STD, m.num_features, 'image', native_frames=1, native_size=native,
+                       k_grid=(len(m.blocks),), weights=f'{name}/{ECHOAPEX_FILE}', source=ECHOAPEX_SOURCE)
+    return Encoder(m, spec, [f'blocks.{i}' for i in range(len(m.blocks))], ['norm', 'head'])
+
+
+@register_encoder
+def vit_small_patch8_224__echoapex(pretrained=False, weights_dir=None, size=224, frames=16):
+    "EchoApex-S as echobook pretrains it: ViT-S/8 continued from DINO ImageNet-1k on echo frames, class token: 384-d."
+    return _echoapex_encoder('vit_small_patch8_224', pretrained, weights_dir, size, frames)
+
+
+@register_encoder
+def vit_base_patch14_dinov2__echoapex(pretrained=False, weights_dir=None, size=224, frames=16):
+    "EchoApex-B as echobook pretrains it: ViT-B/14 continued from DINOv2 LVD-142M on echo frames, class token: 768-d."
+    return _echoapex_encoder('vit_base_patch14_dinov2', pretrained, weights_dir, size, frames)
