@@ -14,9 +14,10 @@ from .tables import collect_results, metric_spec, build_table, table_citation, _
 # %% auto #0
 __all__ = ['ALPHA', 'PAIRS', 'BASELINE_WORDS', 'figure_data', 'data_efficiency_figure', 'k_sweep_figure', 'plotly_figure',
            'build_figure', 'show_results', 'probing_figures', 'print_table', 'MissingOutput', 'landmark_pairs',
-           'ef_pairs', 'dfkd_pairs', 'probing_pairs', 'baseline_metrics', 'baseline_tests', 'baseline_caption',
-           'show_baseline_tests', 'fake_item_run', 'provenance', 'deviations_text', 'show_deviations',
-           'show_provenance', 'results_page', 'write_results_pages', 'paper_summary']
+           'ef_pairs', 'dfkd_pairs', 'probing_pairs', 'lvh_pairs', 'seg_pairs', 'views_pairs', 'pretrain_pairs',
+           'baseline_metrics', 'baseline_tests', 'baseline_caption', 'show_baseline_tests', 'fake_item_run',
+           'provenance', 'deviations_text', 'show_deviations', 'show_provenance', 'results_page', 'write_results_pages',
+           'paper_summary']
 
 # %% ../nbs/08b_results.ipynb #068e1acf
 def figure_data(table, runs=None) -> tuple[dict, pd.DataFrame]:
@@ -253,7 +254,35 @@ def probing_pairs(d, metric='T1/acc_img') -> tuple[pd.DataFrame, str]:
     base = (ps.label == ps.label.mode().iloc[0]).astype(float)          # always the most frequent view of this test set
     return _pairs(ps.acc_img if m == 'acc_img' else ps.correct.astype(float), base), f'most frequent view ({split})'
 
-PAIRS = {'landmarks': landmark_pairs, 'ef_echoapex': ef_pairs, 'ef_videomae': ef_pairs, 'dfkd': dfkd_pairs, 'probing': probing_pairs}
+def lvh_pairs(d, metric='mae_ivs') -> tuple[pd.DataFrame, str]:
+    "Per annotated test frame: the absolute error (mm) of one wall measurement (`mae_ivs`, `mae_lvid`, `mae_lvpw`), model vs training mean."
+    m = metric.removeprefix('mae_').upper()
+    pf = _per_item(d, 'per_item.csv', ['HashedFileName', 'frame', f'{m}_true', f'{m}_model', f'{m}_mean']).dropna(subset=[f'{m}_true'])
+    pf.index = pf.HashedFileName + ':' + pf.frame.astype(str)
+    return _pairs((pf[f'{m}_model'] - pf[f'{m}_true']).abs(), (pf[f'{m}_mean'] - pf[f'{m}_true']).abs()), 'training-mean measurement'
+
+def seg_pairs(d, metric='dice') -> tuple[pd.DataFrame, str]:
+    "Per in-domain test frame: the model's Dice (`dice`: over the structures; `dice_lv`, …) and the training mean mask's."
+    frames = [_per_item(d, f, ['item', 'test', metric]) for f in ('per_item.csv', 'mean_mask_per_item.csv')]
+    model, base = (f[f.test == 'in-domain'].set_index('item')[metric] for f in frames)
+    return _pairs(model, base), 'mean mask'
+
+def views_pairs(d, metric='acc') -> tuple[pd.DataFrame, str]:
+    "Per test sequence (5-frame vote): right or not, model vs the training set's most frequent view. `acc`: weighted 1/(classes × class size), so the means are mean recalls; `camus_acc`, `echonet_acc`: plain accuracy on that out-of-distribution set."
+    test = _per_item(d, 'per_sequence_test.csv', ['sequence', 'label', 'correct', 'majority_pred'])
+    ood = None if metric == 'acc' else metric.removesuffix('_acc')
+    ps = (test if ood is None else _per_item(d, f'ood_{ood}_per_sequence.csv', ['sequence', 'label', 'correct'])).set_index('sequence')
+    w = len(ps) / (ps.label.nunique() * ps.groupby('label').label.transform('size')) if ood is None else 1.
+    base = (ps.label == test.majority_pred.iloc[0]).astype(float)
+    return _pairs(ps.correct.astype(float) * w, base * w), 'most frequent training view'
+
+def pretrain_pairs(d, metric='knn_acc') -> tuple[pd.DataFrame, str]:
+    "Per query image of the labelled view set: the KNN classifier right or not on the pretrained ViT's features and on its initialisation's."
+    pi = _per_item(d, 'per_image.csv', ['image', 'init', 'model']).set_index('image')
+    return _pairs(pi.model.astype(float), pi.init.astype(float)), 'the same ViT at initialisation'
+
+PAIRS = {'landmarks': landmark_pairs, 'ef_echoapex': ef_pairs, 'ef_videomae': ef_pairs, 'dfkd': dfkd_pairs, 'probing': probing_pairs,
+         'lvh': lvh_pairs, 'seg': seg_pairs, 'views': views_pairs, 'pretrain': pretrain_pairs}
 
 # %% ../nbs/08b_results.ipynb #f3a27dc4
 def _short(metric) -> str:
@@ -265,7 +294,9 @@ def baseline_metrics(cfg) -> list[str]:
     "The metrics the paired test of config `cfg` compares (the first decides the verdict)."
     exp = Path(cfg['notebook']).stem
     main = _short(cfg.get('main_metric', 'model/dice_ed/mean'))
-    return [main] + [m for m in ('dice_ed', 'dice_es') if m != main] if exp == 'landmarks' else [main]
+    if exp == 'views': return [main.replace('bacc', 'acc')]   # a per-sequence accuracy pairs; a BACC over classes does not
+    also = {'landmarks': ('dice_ed', 'dice_es'), 'lvh': ('mae_ivs', 'mae_lvid', 'mae_lvpw')}.get(exp, ())
+    return [main] + [m for m in also if m != main]
 
 # %% ../nbs/08b_results.ipynb #bb10f5a3
 def _data_name(d: Path) -> str:
@@ -449,7 +480,11 @@ BASELINE_WORDS = {'landmarks': "the training set's mean shape placed on every te
                   'ef_echoapex': 'the training-mean EF predicted for every video (absolute error)',
                   'ef_videomae': 'the training-mean EF predicted for every video (absolute error)',
                   'dfkd': 'the student at its initialisation, before any distillation',
-                  'probing': 'always predicting the most frequent view of the test set (image accuracy per test sequence)'}
+                  'probing': 'always predicting the most frequent view of the test set (image accuracy per test sequence)',
+                  'lvh': "the training set's mean IVS, LVID and LVPW predicted for every annotated test frame (absolute error in mm)",
+                  'seg': "the training set's mean mask (pixel-wise mean ≥ 0.5) placed on every in-domain test frame (Dice)",
+                  'views': "always predicting the training set's most frequent view (per test sequence, 5-frame vote)",
+                  'pretrain': 'the same ViT at its initialisation (KNN view accuracy per query image)'}
 
 def _page_cells(cfg, cit) -> list[tuple[str, str]]:
     "The (kind, source) cells of one results page."
