@@ -482,7 +482,7 @@ BASELINE_WORDS = {'landmarks': "the training set's mean shape placed on every te
                   'dfkd': 'the student at its initialisation, before any distillation',
                   'probing': 'always predicting the most frequent view of the test set (image accuracy per test sequence)',
                   'lvh': "the training set's mean IVS, LVID and LVPW predicted for every annotated test frame (absolute error in mm)",
-                  'seg': "the training set's mean mask (pixel-wise mean ≥ 0.5) placed on every in-domain test frame (Dice)",
+                  'seg': "the training set's mean mask (the pixels that are foreground in at least half of the training masks) placed on every in-domain test frame (Dice)",
                   'views': "always predicting the training set's most frequent view (per test sequence, 5-frame vote)",
                   'pretrain': 'the same ViT at its initialisation (KNN view accuracy per query image)'}
 

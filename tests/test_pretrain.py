@@ -151,3 +151,16 @@ def test_written_weights_load_as_a_registry_encoder(tmp_path):
     assert all(torch.equal(v, sd[k]) for k, v in m.teacher_vit.state_dict().items() if k != 'pos_embed')
     with pytest.raises(MissingWeightsError, match='vit_small_patch8_224.echoapex/model.safetensors'):
         create_encoder('vit_small_patch8_224.echoapex', pretrained=True, weights_dir=tmp_path/'none')
+
+
+def test_pretrained_vit_serves_the_ef_experiment(tmp_path):
+    "The EF experiment's frozen encoder (echobook.tasks.ef.frozen_encoder) takes the checkpoint pretraining writes."
+    import timm
+    from echobook.models.encoders import save_echoapex
+    from echobook.tasks.ef import frozen_encoder
+    vit = timm.create_model('vit_small_patch8_224.dino', pretrained=False, img_size=32, depth=2)
+    save_echoapex(vit, 'vit_small_patch8_224', tmp_path)
+    enc = frozen_encoder('vit_small_patch8_224.echoapex', pretrained=True, weights_dir=tmp_path, size=32, frames=2)
+    assert torch.equal(enc.model.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    assert not any(p.requires_grad for p in enc.parameters())
+    assert enc.embed_frames(torch.rand(1, 3, 2, 32, 32) * 255).shape == (1, 2, 384)

@@ -156,3 +156,20 @@ def test_eighteen_class_phantom_keeps_the_ten_view_default():
     assert split_counts(200, 'train') == split_counts(200, 'train', views=VIEWS)   # paper 002's proportions, unchanged
     assert view_layout('A4C') == view_layout('4CH')
     with pytest.raises(ValueError, match='balanced=True or weights'): split_counts(40, views=ECHOAPEX_VIEWS)
+
+
+def test_echoapex_rows_use_the_pretraining_checkpoint(tmp_path):
+    "With echoapex=True the EchoApex rows load the teacher ViT that echoapex_pretrain writes (`<arch>.echoapex`); others keep theirs."
+    import timm
+    from echobook.models.encoders import save_echoapex
+    from echobook.tasks.views import echoapex_name
+    vit = timm.create_model('vit_small_patch8_224.dino', pretrained=False, img_size=32, depth=2)
+    save_echoapex(vit, 'vit_small_patch8_224', tmp_path)
+    for name in ('echoapex_s', 'echoapex_adas', 'echoapex_s_linear'):
+        m = build_view_model(name, 18, pretrained=True, weights_dir=tmp_path, size=32, echoapex=True)
+        assert m.encoder.spec.name == 'vit_small_patch8_224.echoapex' and m.encoder.spec.loaded_from.startswith(str(tmp_path))
+        assert torch.equal(m.encoder.model.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
+    assert echoapex_name('vit_base_patch14_dinov2.lvd142m') == 'vit_base_patch14_dinov2.echoapex'
+    with pytest.raises(ValueError, match='no EchoApex version'): echoapex_name('resnet50.a1_in1k')
+    with pytest.raises(Exception, match='vit_base_patch14_dinov2.echoapex'):   # not pretrained yet: the error names the file
+        build_view_model('echoapex_b', 18, pretrained=True, weights_dir=tmp_path, size=28, echoapex=True)

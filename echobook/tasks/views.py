@@ -15,18 +15,18 @@ from ..data.view_phantom import ECHOAPEX_VIEWS
 from ..data.views import ViewImages, five_frames, image_table, prepare_views, read_sequence, scan_views
 from ..data.camus import read_camus_sequence, scan_camus, square_pad
 from ..data.echonet import read_filelist
-from ..models.encoders import Encoder, create_encoder
+from ..models.encoders import ECHOAPEX, Encoder, create_encoder
 from ..models.freezing import add_adapters, count_parameters
 from ..training import EncoderHead, fit, predict, read_log
 from .probing import confusion, evaluate_probing
 from .probing_report import plot_confusion
 
 # %% auto #0
-__all__ = ['VARIANTS', 'TRAIN_MODES', 'OOD_VIEWS', 'variant', 'unit_range', 'keep_blocks', 'build_view_model', 'trainable_names',
-           'RandomFrames', 'class_weights', 'WeightedCE', 'view_data', 'train_views', 'per_class_scores', 'view_slug',
-           'view_scores', 'bootstrap_scores', 'permutation_greater', 'compare_predictions', 'predict_views',
-           'evaluate_views', 'views_summary', 'plot_view_confusion', 'compare_runs', 'camus_items', 'echonet_items',
-           'FrameArray', 'ood_table', 'ood_scores']
+__all__ = ['VARIANTS', 'TRAIN_MODES', 'OOD_VIEWS', 'variant', 'unit_range', 'keep_blocks', 'echoapex_name', 'build_view_model',
+           'trainable_names', 'RandomFrames', 'class_weights', 'WeightedCE', 'view_data', 'train_views',
+           'per_class_scores', 'view_slug', 'view_scores', 'bootstrap_scores', 'permutation_greater',
+           'compare_predictions', 'predict_views', 'evaluate_views', 'views_summary', 'plot_view_confusion',
+           'compare_runs', 'camus_items', 'echonet_items', 'FrameArray', 'ood_table', 'ood_scores']
 
 # %% ../../nbs/06h_tasks.views.ipynb #d7a90233
 VARIANTS = {  # seed 001 Table 2 (lines 1009-1029), Sec. 2.2
@@ -65,6 +65,13 @@ def keep_blocks(encoder: Encoder, depth: int) -> Encoder:
     return encoder
 
 # %% ../../nbs/06h_tasks.views.ipynb #e7f6fc3b
+def echoapex_name(encoder) -> str:
+    "The registry name of echobook's continually pretrained version of stand-in `encoder` (e.g. 'vit_small_patch8_224.echoapex')."
+    arch = {tag: a for a, tag in ECHOAPEX.items()}.get(encoder)
+    if arch is None: raise ValueError(f'{encoder!r} has no EchoApex version; pretrained versions exist of {sorted(ECHOAPEX.values())}')
+    return f'{arch}.echoapex'
+
+
 def build_view_model(name,               # a `VARIANTS` key
                      n_classes: int,     # number of view classes
                      pretrained=False,   # load the encoder's weights file (see `echobook.models.encoders`)
@@ -72,9 +79,11 @@ def build_view_model(name,               # a `VARIANTS` key
                      size=None,          # input size; None: the variant's (112 ViT-B, 128 ViT-S/ResNet50)
                      depth=None,         # keep only the first `depth` ViT blocks (None: all; ResNet50 keeps its own)
                      adapter=None,       # adapter width; None: the variant's (192 ViT-S, 384 ViT-B)
+                     echoapex=False,     # EchoApex rows on echobook's continually pretrained ViT (`<arch>.echoapex`, written by echoapex_pretrain)
                     ) -> EncoderHead:
     "The variant's encoder with a linear layer on its (CLS) feature; what trains is set by the variant's mode."
     v = variant(name)
+    if echoapex and name.startswith('echoapex'): v |= dict(encoder=echoapex_name(v['encoder']), kwargs={})   # class-token feature already
     enc = create_encoder(v['encoder'], pretrained=pretrained, weights_dir=weights_dir, size=size or v['size'], **v.get('kwargs', {}))
     if depth and hasattr(enc.model, 'blocks'): keep_blocks(enc, depth)
     unit_range(enc)
