@@ -11,7 +11,7 @@ from scipy import stats
 
 # %% auto #0
 __all__ = ['ALTERNATIVES', 'keypoints_to_mask', 'dice_score', 'dice_from_keypoints', 'mean_keypoint_error', 'to_pixels',
-           'landmark_metrics', 'bootstrap_ci', 'summarize', 'format_mean_std', 'landmark_row',
+           'landmark_metrics', 'bootstrap_ci', 'sample_stats', 'summarize', 'format_mean_std', 'landmark_row',
            'paired_permutation_test', 'paired_test', 'mean_shape', 'mean_shape_metrics']
 
 # %% ../nbs/03_evaluation.ipynb #5b4bec59
@@ -107,6 +107,16 @@ def bootstrap_ci(values,            # 1-d sample (NaNs are dropped)
     return float(lo), float(hi)
 
 # %% ../nbs/03_evaluation.ipynb #69ee1326
+def sample_stats(values,       # 1-d sample (NaNs are dropped)
+                 n_boot=2000,  # bootstrap resamples for the CI of the mean
+                 seed=0,       # RNG seed for the bootstrap
+                ) -> dict:
+    "{mean, std (ddof=1), n, ci_lo, ci_hi}: the mean of a sample with its 95 % bootstrap CI (NaN where undefined)."
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[~np.isnan(v)]
+    lo, hi = bootstrap_ci(v, n_boot=n_boot, seed=seed)
+    return dict(mean=float(v.mean()) if len(v) else np.nan, std=float(v.std(ddof=1)) if len(v) > 1 else np.nan, n=len(v), ci_lo=lo, ci_hi=hi)
+
 def summarize(df,            # per-video metrics, e.g. from `landmark_metrics`
               cols=None,     # metric columns; default: all numeric columns
               n_boot=2000,   # bootstrap resamples for the CI of the mean
@@ -114,13 +124,7 @@ def summarize(df,            # per-video metrics, e.g. from `landmark_metrics`
              ) -> pd.DataFrame:
     "Mean, std (ddof=1), n and 95 % bootstrap CI of the mean per metric column, in the columns' own units."
     cols = list(cols) if cols is not None else list(df.select_dtypes('number').columns)
-    rows = {}
-    for c in cols:
-        v = df[c].dropna().to_numpy(dtype=np.float64)
-        lo, hi = bootstrap_ci(v, n_boot=n_boot, seed=seed)
-        rows[c] = dict(mean=v.mean() if len(v) else np.nan, std=v.std(ddof=1) if len(v) > 1 else np.nan,
-                       n=len(v), ci_lo=lo, ci_hi=hi)
-    return pd.DataFrame.from_dict(rows, orient='index')
+    return pd.DataFrame.from_dict({c: sample_stats(df[c], n_boot, seed) for c in cols}, orient='index')
 
 # %% ../nbs/03_evaluation.ipynb #9381439c
 def format_mean_std(mean, std, digits=2) -> str:

@@ -16,7 +16,7 @@ from ..data.lvh import LVH_SPLITS, LVHScan, scan_lvh
 from ..data.echonet import read_frames
 from ..models.encoders import create_encoder
 from ..models.heatmaps import ViTHeatmaps, DeepLabHeatmaps, HeatmapLoss, Landmarks, heatmaps, last_block_attention
-from ..evaluation import bootstrap_ci, paired_test
+from ..evaluation import sample_stats, paired_test
 from ..training import fit, predict, read_log
 
 # %% auto #0
@@ -233,11 +233,8 @@ def r2_score(pred, true) -> float:
     return float(1 - ((p - t)**2).sum() / ss) if ss > 0 else float('nan')
 
 def _stats(name, v, n_boot, seed) -> dict:
-    "name/mean, /std, /ci_lo, /ci_hi, /n of a sample (NaNs dropped)."
-    v = np.asarray(v, np.float64); v = v[np.isfinite(v)]
-    lo, hi = bootstrap_ci(v, n_boot=n_boot, seed=seed)
-    return {f'{name}/mean': float(v.mean()) if len(v) else float('nan'), f'{name}/std': float(v.std(ddof=1)) if len(v) > 1 else float('nan'),
-            f'{name}/ci_lo': lo, f'{name}/ci_hi': hi, f'{name}/n': int(len(v))}
+    "name/mean, /std, /n, /ci_lo, /ci_hi of a sample (`sample_stats`)."
+    return {f'{name}/{k}': x for k, x in sample_stats(v, n_boot, seed).items()}
 
 def lvh_summary(per_item, who=('model', 'mean'), n_boot=1000, seed=0) -> dict:
     "Flat `<who>/<metric>/<stat>`: mae_<m> (mm), mae_<m>_px, le_<m> (mm), r2 (pooled over the three, mm); model vs mean: paired tests."
