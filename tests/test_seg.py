@@ -140,12 +140,27 @@ def test_prompted_items_and_loss(camus_dir):
 def test_bad_inputs_have_clear_errors(echo, phantom_dir):
     with pytest.raises(ValueError, match="dataset: one of"): check_structures('camus2')
     with pytest.raises(ValueError, match="echonet labels \\('lv',\\), not 'la'"): check_structures('echonet', 'la')
-    with pytest.raises(ValueError, match="model: one of"): build_seg_model('medsam')
+    with pytest.raises(ValueError, match="model: one of"): build_seg_model('medsa')
     with pytest.raises(ValueError, match="prompt: one of"): build_seg_model('sam', prompt='scribble')
     with pytest.raises(ValueError, match='both splits need frames'): train_segmenter(None, echo['TRAIN'], echo['VAL'].subset([]), '/tmp/x', {})
     with pytest.raises(EchobookDataError, match='database_split'): seg_data('camus', phantom_dir)
     with pytest.raises(ValueError, match='masks'): SegSet(torch.zeros(2, 3, 4, 4), torch.zeros(2, 2, 4, 4), pd.DataFrame(dict(item=['a', 'b'])), ('lv',))
     assert set(SEG_DATASETS) == {'echonet', 'camus', 'pediatric_a4c', 'pediatric_psax'}
+
+
+def test_medsam_zero_shot_on_box_prompts(echo, tmp_path):
+    """MedSAM (its modules, small and random here) scores every test frame from the ground-truth box at the frame size,
+    is never trained, and without its checkpoint stops with the file's name and where to put it."""
+    from echobook.core import MissingWeightsError
+    from echobook.models.sam import MedSAM, MEDSAM_FILE, sam_stand_in
+    from echobook.tasks.seg import PromptedMedSAM
+    torch.manual_seed(0)
+    net, test = PromptedMedSAM(MedSAM(sam_stand_in(64)), ('lv',)), echo['TEST'].subset(range(4))
+    pred = predict_masks(net, test)
+    assert pred.shape == (4, 1, SIZE, SIZE) and dice_table(pred, test).dice_lv.between(0, 1).all()
+    with pytest.raises(ValueError, match='epochs=0'): train_segmenter(net, echo['TRAIN'], echo['VAL'], tmp_path/'fit', {})
+    with pytest.raises(MissingWeightsError, match=f"{MEDSAM_FILE}.*Put it at {tmp_path}/medsam/{MEDSAM_FILE}"):
+        build_seg_model('medsam', weights_dir=tmp_path, pretrained=True)
 
 
 def test_prompted_box_is_in_the_model_frame(echo):

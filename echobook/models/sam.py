@@ -19,10 +19,10 @@ from .encoders import Encoder, create_encoder
 from .freezing import freeze_encoder, count_parameters, add_adapters
 
 # %% auto #0
-__all__ = ['SAM_DIM', 'MASK_IN_CHANS', 'CLIP_TEXT_TAG', 'CLIP_TEXT_FILES', 'TEXT_TOWERS', 'PROMPT_KINDS', 'sam_neck',
-           'patch_features', 'echoapex_mask_embedding', 'clip_text_file', 'ClipText', 'SamOutput', 'EchoApexSAM',
-           'build_sam_segmenter', 'sample_points', 'mask_boxes', 'prompts_from_mask', 'corrective_points',
-           'multi_forward_loss']
+__all__ = ['SAM_DIM', 'MASK_IN_CHANS', 'CLIP_TEXT_TAG', 'CLIP_TEXT_FILES', 'TEXT_TOWERS', 'PROMPT_KINDS', 'MEDSAM_FILE',
+           'MEDSAM_SOURCE', 'sam_neck', 'patch_features', 'echoapex_mask_embedding', 'clip_text_file', 'ClipText',
+           'SamOutput', 'EchoApexSAM', 'build_sam_segmenter', 'sample_points', 'mask_boxes', 'prompts_from_mask',
+           'corrective_points', 'multi_forward_loss', 'medsam_file', 'MedSAM', 'load_medsam', 'sam_stand_in']
 
 # %% ../../nbs/02g_models.sam.ipynb #0361d956
 SAM_DIM = 256        # SAM's prompt / decoder width (TwoWayTransformer embedding_dim)
@@ -273,3 +273,60 @@ def multi_forward_loss(model: EchoApexSAM, images, masks,  # normalised images (
         total, wsum = total + decay ** i * crit(out.logits, target), wsum + decay ** i
         if i + 1 < forwards: kw = {**_add_points(kw, *corrective_points(out.logits.detach(), masks, rng)), 'mask_input': out.low_res.detach()}
     return total / wsum
+
+# %% ../../nbs/02g_models.sam.ipynb #a1d0e5c2
+MEDSAM_FILE = 'medsam_vit_b.pth'   # the released checkpoint: a state dict of segment_anything's Sam ViT-B
+MEDSAM_SOURCE = 'https://github.com/bowang-lab/MedSAM (README: "Download the model checkpoint", medsam_vit_b.pth)'
+
+
+def medsam_file(weights_dir=None) -> Path:
+    "MedSAM's checkpoint on disk (`$ECHOBOOK_WEIGHTS/medsam/medsam_vit_b.pth` or the folder itself), else `MissingWeightsError`."
+    wd = Path(weights_dir).expanduser() if weights_dir else _weights_dir()
+    return find_weights(MEDSAM_FILE, [wd/'medsam', wd], source=MEDSAM_SOURCE, encoder='MedSAM ViT-B')
+
+# %% ../../nbs/02g_models.sam.ipynb #a1d0e5c3
+class MedSAM(nn.Module):
+    "A released SAM-family model (`segment_anything` `Sam`) run as MedSAM's inference runs it: frames + boxes → mask logits at the frame size."
+    def __init__(self, sam):
+        super().__init__()
+        self.sam, self.input_size = sam.eval(), int(sam.image_encoder.img_size)
+
+    def preprocess(self, frames) -> torch.Tensor:
+        "Frames (B, 3 or 1, H, W) on 0..255 → (B, 3, S, S) on [0, 1]: bicubic resize to S = `input_size`, 8 bits, min-max per image."
+        x = F.interpolate(frames.float(), (self.input_size, self.input_size), mode='bicubic', align_corners=False)
+        x = x.clamp(0, 255).floor().expand(-1, 3, -1, -1)      # MedSAM resizes with preserve_range, then casts to uint8
+        lo, hi = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
+        return (x - lo) / (hi - lo).clamp(min=1e-8)
+
+    def forward(self, frames, boxes) -> torch.Tensor:
+        "Mask logits (B, 1, H, W) of frames (B, 3 or 1, H, W) on 0..255, one box (x0, y0, x1, y1) in frame pixels per frame."
+        b, (h, w) = len(frames), frames.shape[-2:]
+        if frames.ndim != 4 or tuple(boxes.shape) != (b, 4): raise ValueError(f'MedSAM: frames (B, C, H, W) and boxes (B, 4), got {tuple(frames.shape)} and {tuple(boxes.shape)}')
+        emb = self.sam.image_encoder(self.preprocess(frames))
+        box = boxes.float() * boxes.new_tensor([w, h, w, h]).float().reciprocal() * self.input_size
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=box[:, None], masks=None)
+        pe = self.sam.prompt_encoder.get_dense_pe()
+        low = torch.cat([self.sam.mask_decoder(emb[i:i+1], pe, sparse[i:i+1], dense[i:i+1], multimask_output=False)[0] for i in range(b)])
+        prob = F.interpolate(torch.sigmoid(low), (h, w), mode='bilinear', align_corners=False)
+        return torch.logit(prob.clamp(1e-6, 1 - 1e-6))
+
+# %% ../../nbs/02g_models.sam.ipynb #a1d0e5c4
+def load_medsam(weights_dir=None,   # folder with `medsam_vit_b.pth` (default: $ECHOBOOK_WEIGHTS)
+                build=None,         # builds the empty `Sam` (default: segment_anything's `sam_model_registry['vit_b']`)
+                pretrained=True,    # False: random init of the same shape (smoke runs and CPU tests; never a result)
+               ) -> MedSAM:
+    "MedSAM from its released checkpoint (strict keys; errors name the file), in eval mode."
+    from segment_anything import sam_model_registry
+    path = medsam_file(weights_dir) if pretrained else None   # fail before building 94 M parameters
+    sam = (build or sam_model_registry['vit_b'])()
+    return MedSAM(load_strict(sam, load_checkpoint(path), path, 'MedSAM ViT-B') if path else sam)
+
+# %% ../../nbs/02g_models.sam.ipynb #a1d0e5c9
+def sam_stand_in(img_size: int = 64) -> nn.Module:
+    "A random-init `Sam` of segment_anything's modules with a one-block, 64-wide ViT at img_size² (MedSAM's shape, for tests on a CPU)."
+    from segment_anything.modeling import Sam, ImageEncoderViT
+    grid = img_size // 16
+    return Sam(ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=64, depth=1, num_heads=2, out_chans=SAM_DIM, use_rel_pos=True, window_size=0),
+               PromptEncoder(embed_dim=SAM_DIM, image_embedding_size=(grid, grid), input_image_size=(img_size, img_size), mask_in_chans=MASK_IN_CHANS),
+               MaskDecoder(num_multimask_outputs=3, transformer_dim=SAM_DIM, iou_head_depth=3, iou_head_hidden_dim=256,
+                           transformer=TwoWayTransformer(depth=2, embedding_dim=SAM_DIM, mlp_dim=2048, num_heads=8)))

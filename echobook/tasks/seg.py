@@ -19,7 +19,7 @@ from ..data.camus import CAMUS_VIEWS, camus_patients, read_camus_sequence, squar
 from ..data.pediatric import PED_VIEWS, scan_pediatric, lv_mask, make_pediatric_phantom
 from ..data.phantom import PHANTOM_INFO, video_name, video_scene, split_counts
 from ..models.segmenters import build_segmenter, TracedFrames, segmentation_loss
-from ..evaluation import bootstrap_ci
+from ..evaluation import sample_stats
 from ..training import fit, read_log, default_device
 
 # %% auto #0
@@ -27,8 +27,8 @@ __all__ = ['SEG_DATASETS', 'STRUCTURES', 'PAPER_STRUCTURES', 'STRUCTURE_TEXT', '
            'PHASES', 'ITEM_COLUMNS', 'SEG_MODELS', 'PROMPTS', 'check_structures', 'ped_split', 'SegSet', 'make_segset',
            'by_split', 'echonet_seg', 'camus_splits', 'camus_seg', 'phantom_labels', 'write_camus_seg_like',
            'pediatric_seg', 'seg_data', 'phantom_data', 'few_shot', 'concat_sets', 'build_seg_model', 'StructureItems',
-           'PromptedSAM', 'SegLoss', 'seg_items', 'train_segmenter', 'predict_masks', 'dice_table', 'mean_mask',
-           'mean_mask_table', 'dice_columns', 'seg_summary', 'plot_examples']
+           'PromptedSAM', 'PromptedMedSAM', 'SegLoss', 'seg_items', 'train_segmenter', 'predict_masks', 'dice_table',
+           'mean_mask', 'mean_mask_table', 'dice_columns', 'seg_summary', 'plot_examples']
 
 # %% ../../nbs/06g_tasks.seg.ipynb #a42e77e6
 SEG_DATASETS = ('echonet', 'camus', 'pediatric_a4c', 'pediatric_psax')
@@ -249,7 +249,7 @@ def concat_sets(sets) -> SegSet:
     return SegSet(torch.cat([s.x for s in sets]), torch.cat([s.y for s in sets]), pd.concat([s.items for s in sets]), sets[0].structures)
 
 # %% ../../nbs/06g_tasks.seg.ipynb #3acb4e75
-SEG_MODELS = ('unet', 'deeplabv3', 'sam')
+SEG_MODELS = ('unet', 'deeplabv3', 'sam', 'medsam')
 PROMPTS = ('point', 'box', 'text')
 
 def _unet(k, size, base, res_units, seed) -> nn.Module:
@@ -276,16 +276,19 @@ def build_seg_model(model='unet',            # one of SEG_MODELS
                     base=16, res_units=2,    # unet: width of its first level, residual units per level
                     deeplab_arch='deeplabv3_resnet50',  # deeplabv3: 'deeplabv3_resnet50' (EchoNet's) or 'deeplabv3_mobilenet_v3_large'
                     encoder='vit_small_patch8_224.dino',  # sam: image encoder (registry name)
-                    pretrained=False,        # deeplabv3: EchoNet's released weights; sam: the encoder's weights
+                    pretrained=False,        # deeplabv3: EchoNet's released weights; sam: the encoder's weights (medsam: always released)
                     weights_dir=None,        # folder of weight files (default: $ECHOBOOK_WEIGHTS or ~/.cache/echobook/weights)
                     prompt='box',            # sam: one of PROMPTS
                     adapters=0,              # sam: adapter hidden size (EchoApex-SAM-Ada; 0: none)
                     forwards=4,              # sam: forwards of the multi-forward training loss (1: a plain forward)
                     seed=0) -> nn.Module:
-    "A specialist `Segmenter` with one output channel per structure, or a `PromptedSAM` (one mask per prompt)."
+    "A specialist `Segmenter` with one output channel per structure, a `PromptedSAM` (one mask per prompt) or a `PromptedMedSAM`."
     if model not in SEG_MODELS: raise ValueError(f'model: one of {SEG_MODELS}, not {model!r}')
     if model == 'unet': return _unet(len(structures), size, base, res_units, seed)
     if model == 'deeplabv3': return _deeplab(len(structures), size, deeplab_arch, pretrained, weights_dir, seed)
+    if model == 'medsam':
+        from echobook.models.sam import load_medsam
+        return PromptedMedSAM(load_medsam(weights_dir, pretrained=pretrained), structures)
     if prompt not in PROMPTS: raise ValueError(f'prompt: one of {PROMPTS}, not {prompt!r}')
     from echobook.models.sam import build_sam_segmenter
     torch.manual_seed(seed)
@@ -321,6 +324,16 @@ class PromptedSAM(nn.Module):
         kw = prompts_from_mask(m, self.prompt, self.names(s), rng=self.rng, jitter=self.jitter if self.training else 0.)
         return self.sam(images, **kw).logits
 
+class PromptedMedSAM(nn.Module):
+    "A released MedSAM (`echobook.models.sam.MedSAM`) on uint8 frames, prompted by each item's ground-truth box (no jitter): logits (B, 1, S, S)."
+    def __init__(self, medsam, structures=('lv',)):
+        super().__init__()
+        self.medsam, self.structures = medsam, tuple(structures)
+
+    def forward(self, x, mask, s):
+        from echobook.models.sam import prompts_from_mask
+        return self.medsam(x, prompts_from_mask(mask[:, 0] > 0.5, 'box')['boxes'])
+
 class SegLoss(nn.Module):
     "BCE + soft Dice (`segmentation_loss`) of logits and masks; a scalar output (`PromptedSAM`'s multi-forward loss) is the loss itself."
     def __init__(self): super().__init__(); self.loss = segmentation_loss()
@@ -328,12 +341,13 @@ class SegLoss(nn.Module):
 
 # %% ../../nbs/06g_tasks.seg.ipynb #3c8ed307
 def seg_items(model, ds):
-    "The items a model trains and predicts on: the `SegSet` itself (specialists), its (frame, structure) items (`PromptedSAM`)."
-    return StructureItems(ds) if isinstance(model, PromptedSAM) else ds
+    "The items a model trains and predicts on: the `SegSet` itself (specialists), its (frame, structure) items (the prompted models)."
+    return StructureItems(ds) if isinstance(model, (PromptedSAM, PromptedMedSAM)) else ds
 
 def train_segmenter(model, train: SegSet, valid: SegSet, folder, config: dict, epochs=60, batch_size=16, lr=5e-4, weight_decay=0.005,
                     schedule='linear', seed=0, device=None, progress=False):
     "Fit a segmentation model (`build_seg_model`) on `train`, best epoch on `valid` (BCE + Dice); returns it in eval mode and its log."
+    if isinstance(model, PromptedMedSAM): raise ValueError('MedSAM is evaluated as released (zero-shot, seed 001 lines 839-840): run it with epochs=0')
     if not len(train) or not len(valid): raise ValueError(f'{len(train)} training and {len(valid)} validation frames: both splits need frames')
     fit(model, seg_items(model, train), seg_items(model, valid), folder, config=config, epochs=epochs, loss_func=SegLoss(), lr=lr,
         batch_size=batch_size, opt='adamw', weight_decay=weight_decay, schedule=schedule, seed=seed, device=device, progress=progress,
@@ -370,12 +384,6 @@ def mean_mask_table(train: SegSet, test: SegSet) -> pd.DataFrame:
     return dice_table(np.broadcast_to(mean_mask(train), (len(test), *test.y.shape[1:])), test)
 
 # %% ../../nbs/06g_tasks.seg.ipynb #e930d6ef
-def _stats(v, n_boot, seed) -> dict:
-    "mean, std, n, ci_lo, ci_hi of a sample (NaNs dropped)."
-    v = np.asarray(v, np.float64); v = v[np.isfinite(v)]
-    lo, hi = bootstrap_ci(v, n_boot=n_boot, seed=seed)
-    return dict(mean=float(v.mean()) if len(v) else np.nan, std=float(v.std(ddof=1)) if len(v) > 1 else np.nan, n=len(v), ci_lo=lo, ci_hi=hi)
-
 def dice_columns(per: pd.DataFrame) -> dict[str, pd.Series]:
     "{metric: per-frame values}: `dice_<s>` per structure, `dice_<s>_<phase>` per ED/ES frame, `dice` (mean over structures)."
     cols = [c for c in per if c.startswith('dice_')]
@@ -387,7 +395,7 @@ def dice_columns(per: pd.DataFrame) -> dict[str, pd.Series]:
 def seg_summary(per: dict[str, pd.DataFrame], n_boot=1000, seed=0, prefix='') -> dict:
     "Flat metrics `<who>/<prefix><metric>/<stat>` of the per-frame tables {who: `dice_table`} (mean, std, n, 95 % CI)."
     return {f'{who}/{prefix}{m}/{k}': v for who, df in per.items() for m, s in dice_columns(df).items() if len(s)
-            for k, v in _stats(s, n_boot, seed).items()}
+            for k, v in sample_stats(s, n_boot, seed).items()}
 
 # %% ../../nbs/06g_tasks.seg.ipynb #b7bc55b3
 def plot_examples(ds: SegSet, preds: dict, n=4, idx=None):
