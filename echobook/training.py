@@ -20,7 +20,7 @@ from fastai.torch_core import find_bs
 from fastai.callback.tracker import SaveModelCallback, ReduceLROnPlateau, EarlyStoppingCallback, TrackerCallback
 from fastai.callback.training import GradientClip
 from fastai.data.core import DataLoaders
-from fastai.data.load import DataLoader
+from fastai.data.load import DataLoader, fa_collate
 
 from .core import (torch_save_atomic, atomic_write_text, stable_hash, code_version, ResumeError,
                            EchobookError)
@@ -29,8 +29,9 @@ from .core import (torch_save_atomic, atomic_write_text, stable_hash, code_versi
 __all__ = ['SCHEDULES', 'RUN_ONLY_KEYS', 'PRECISIONS', 'OPTIMIZERS', 'EncoderHead', 'EpochSeed', 'LinearWarmup', 'scheduled_lr',
            'Decay', 'SkipValidation', 'SaveBest', 'Checkpoint', 'run_identity', 'read_checkpoint', 'RestoreState',
            'PeakMemory', 'smoke_steps', 'start_smoke', 'smoke_active', 'StepStart', 'SmokeSteps', 'default_device',
-           'resolve_precision', 'drop_last_batch', 'shard_batches', 'default_workers', 'ShardDL', 'make_dataloaders',
-           'DistributedTrainer', 'ShareRecord', 'fit_callbacks', 'fit', 'read_log', 'load_best', 'predict']
+           'resolve_precision', 'drop_last_batch', 'shard_batches', 'default_workers', 'stack_collate', 'ShardDL',
+           'make_dataloaders', 'DistributedTrainer', 'ShareRecord', 'fit_callbacks', 'fit', 'read_log', 'load_best',
+           'predict']
 
 # %% ../nbs/05_training.ipynb #46d2b288
 class EncoderHead(nn.Module):
@@ -376,6 +377,19 @@ def default_workers(devices=1) -> int:
     "Data-loading processes per training process: its share of the CPUs, less one for the training loop (at most 16)."
     return max(0, min(16, _cpus() // max(1, devices) - 1))
 
+# %% ../nbs/05_training.ipynb #b2c0a7e2
+_NUMPY_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32, torch.float64, torch.bool}
+
+def stack_collate(items: list):
+    "fastai's `fa_collate`, with plain CPU tensors stacked by numpy on the calling thread (not torch's intra-op threads)."
+    b = items[0]
+    if type(b) is torch.Tensor and b.device.type == 'cpu' and b.dtype in _NUMPY_DTYPES and not b.requires_grad:
+        out = np.empty((len(items), *b.shape), dtype=b.numpy().dtype)   # C order, whatever the items' strides
+        for i, t in enumerate(items): out[i] = t.numpy()
+        return torch.from_numpy(out)
+    if type(b) in (tuple, list): return type(b)(stack_collate(list(z)) for z in zip(*items))
+    return fa_collate(items)
+
 # %% ../nbs/05_training.ipynb #9e5f7213
 class ShardDL(DataLoader):
     "fastai `DataLoader` of rank `rank`'s share of every global batch; data workers draw their own augmentations."
@@ -395,7 +409,7 @@ class ShardDL(DataLoader):
 
 def make_dataloaders(train_ds, valid_ds, batch_size=16,   # the global batch
                      workers=None,         # data workers per device; None: `default_workers(devices)`
-                     device=None, seed=0, collate_fn=None,
+                     device=None, seed=0, collate_fn=None,   # collate_fn: default `stack_collate`
                      rank=0, devices=1,    # this process's share of each training batch (validation is rank 0's, whole)
                      prefetch=2,           # batches each worker loads ahead
                     ) -> DataLoaders:
@@ -403,7 +417,7 @@ def make_dataloaders(train_ds, valid_ds, batch_size=16,   # the global batch
     workers = default_workers(devices) if workers is None else workers
     if devices > 1 and len(train_ds) < 2 * devices: raise ValueError(f'{len(train_ds)} training items cannot give each of {devices} devices two')
     kw = dict(num_workers=workers, device=device, pin_memory=torch.device(device or 'cpu').type == 'cuda', prefetch=prefetch)
-    if collate_fn is not None: kw['create_batch'] = collate_fn
+    kw['create_batch'] = collate_fn or stack_collate
     train = ShardDL(train_ds, batch_size, rank, devices, shuffle=True,
                     drop_last=drop_last_batch(len(train_ds), batch_size, devices=devices), **kw)
     valid = ShardDL(valid_ds if valid_ds is not None else train_ds, batch_size // devices, **kw)

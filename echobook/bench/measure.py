@@ -25,6 +25,7 @@ from ..data.batch_augment import BatchAugment
 from ..models.encoders import create_encoder, list_encoders
 from ..models.freezing import allowed_k, count_parameters, freeze_encoder
 from ..tasks.landmarks import build_landmark_model
+from ..training import stack_collate
 
 # %% auto #0
 __all__ = ['DATA_PATHS', 'PAPER_ENCODERS', 'load_average', 'cpu_model', 'usable_cpus', 'machine_info', 'describe_machine',
@@ -110,7 +111,8 @@ def loader_rate(ds,                # a map-style dataset of (clip, target) items
                 repeat=1,          # passes over `ds` (in one DataLoader: longer timing, one start-up)
                 ) -> dict:
     "Clips/s of `repeat` passes over `ds` with `workers` processes (one OpenCV thread each), timed from the first batch; plus the start-up time."
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, sampler=list(range(len(ds))) * repeat)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, sampler=list(range(len(ds))) * repeat,
+                                     collate_fn=stack_collate)   # the trainer's collation
     cv_threads = cv2.getNumThreads()   # one OpenCV thread here and in the workers forked below (never set it inside a forked worker: OpenCV's pool hangs there)
     cv2.setNumThreads(1)
     t0 = time.perf_counter(); it = iter(dl)
@@ -208,7 +210,7 @@ def _stages_once(sets, batch_size, device='cpu', augment_batch=20) -> pd.DataFra
     steps['augment, fast path incl. resize (cache+augment)'] = _per_clip(lambda i: apply_augmentation(clips[i], aug.kpts[i], draw_augmentation(rng, size, channels=1), size), n)
     steps['augment, albumentations (cache+albumentations)'] = _per_clip(lambda i: augment_clip(ref.tf, big[i], scale_keypoints(ref.kpts[i], clips[i].shape[1:3], size)), n)
     xs = [cache[i][0] for i in range(n)]   # the dataset's items (one grey channel)
-    steps[f'collate (batch {batch_size})'] = tuple(v / batch_size for v in _per_clip(lambda j: torch.stack(xs[j * batch_size:(j + 1) * batch_size]), n // batch_size or 1)[:2])
+    steps[f'collate (batch {batch_size})'] = tuple(v / batch_size for v in _per_clip(lambda j: stack_collate(xs[j * batch_size:(j + 1) * batch_size]), n // batch_size or 1)[:2])
     tr = transfer_ms(torch.stack(xs[:batch_size]), device)
     steps[f'transfer to {device} (pinned batch)'] = (tr / batch_size, None) if tr is not None else (None, None)
     ba = batch_augment_ms(size, size, augment_batch, clips[0].shape[0], device, n=1)
