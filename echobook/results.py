@@ -6,15 +6,16 @@
 from __future__ import annotations
 import io
 from pathlib import Path
+from typing import Callable, NamedTuple
 import numpy as np, pandas as pd
 from .core import ConfigError, atomic_write_bytes
 from .config import load_table_config, runs_root, show_path
 from .tables import collect_results, metric_spec, build_table, table_citation, _label, to_html, table_deviations, deviations_markdown
 
 # %% auto #0
-__all__ = ['ALPHA', 'PAIRS', 'BASELINE_WORDS', 'figure_data', 'data_efficiency_figure', 'k_sweep_figure', 'plotly_figure',
-           'build_figure', 'show_results', 'probing_figures', 'print_table', 'MissingOutput', 'landmark_pairs',
-           'ef_pairs', 'dfkd_pairs', 'probing_pairs', 'lvh_pairs', 'seg_pairs', 'views_pairs', 'pretrain_pairs',
+__all__ = ['ALPHA', 'BASELINES', 'figure_data', 'data_efficiency_figure', 'k_sweep_figure', 'plotly_figure', 'build_figure',
+           'show_results', 'probing_figures', 'print_table', 'MissingOutput', 'landmark_pairs', 'ef_pairs',
+           'dfkd_pairs', 'probing_pairs', 'lvh_pairs', 'seg_pairs', 'views_pairs', 'pretrain_pairs', 'Baseline',
            'baseline_metrics', 'baseline_tests', 'baseline_caption', 'show_baseline_tests', 'fake_item_run',
            'provenance', 'deviations_text', 'show_deviations', 'show_provenance', 'results_page', 'write_results_pages',
            'paper_summary']
@@ -281,8 +282,25 @@ def pretrain_pairs(d, metric='knn_acc') -> tuple[pd.DataFrame, str]:
     pi = _per_item(d, 'per_image.csv', ['image', 'init', 'model']).set_index('image')
     return _pairs(pi.model.astype(float), pi.init.astype(float)), 'the same ViT at initialisation'
 
-PAIRS = {'landmarks': landmark_pairs, 'ef_echoapex': ef_pairs, 'ef_videomae': ef_pairs, 'dfkd': dfkd_pairs, 'probing': probing_pairs,
-         'lvh': lvh_pairs, 'seg': seg_pairs, 'views': views_pairs, 'pretrain': pretrain_pairs}
+class Baseline(NamedTuple):
+    "What the runs of one experiment notebook are tested against (the paired test of the results pages)."
+    pairs: Callable             # (run folder, metric) → (item-aligned model/baseline values, the baseline's short name)
+    words: str                  # the baseline in one phrase, for the page
+    also: tuple = ()            # metrics tested besides the table's main metric
+    paired: Callable = None     # main metric → the metric that pairs per item (None: the main metric itself)
+
+_EF = 'the training-mean EF predicted for every video (absolute error)'
+BASELINES = {
+    'landmarks': Baseline(landmark_pairs, "the training set's mean shape placed on every test video (Dice at ED and ES)", ('dice_ed', 'dice_es')),
+    'ef_echoapex': Baseline(ef_pairs, _EF),
+    'ef_videomae': Baseline(ef_pairs, _EF),
+    'dfkd': Baseline(dfkd_pairs, 'the student at its initialisation, before any distillation'),
+    'probing': Baseline(probing_pairs, 'always predicting the most frequent view of the test set (image accuracy per test sequence)'),
+    'lvh': Baseline(lvh_pairs, "the training set's mean IVS, LVID and LVPW predicted for every annotated test frame (absolute error in mm)", ('mae_ivs', 'mae_lvid', 'mae_lvpw')),
+    'seg': Baseline(seg_pairs, "the training set's mean mask (the pixels that are foreground in at least half of the training masks) placed on every in-domain test frame (Dice)"),
+    'views': Baseline(views_pairs, "always predicting the training set's most frequent view (per test sequence, 5-frame vote)", paired=lambda m: m.replace('bacc', 'acc')),   # a BACC over classes does not pair; a per-sequence accuracy does
+    'pretrain': Baseline(pretrain_pairs, 'the same ViT at its initialisation (KNN view accuracy per query image)')}
+
 
 # %% ../nbs/08b_results.ipynb #f3a27dc4
 def _short(metric) -> str:
@@ -292,11 +310,9 @@ def _short(metric) -> str:
 
 def baseline_metrics(cfg) -> list[str]:
     "The metrics the paired test of config `cfg` compares (the first decides the verdict)."
-    exp = Path(cfg['notebook']).stem
-    main = _short(cfg.get('main_metric', 'model/dice_ed/mean'))
-    if exp == 'views': return [main.replace('bacc', 'acc')]   # a per-sequence accuracy pairs; a BACC over classes does not
-    also = {'landmarks': ('dice_ed', 'dice_es'), 'lvh': ('mae_ivs', 'mae_lvid', 'mae_lvpw')}.get(exp, ())
-    return [main] + [m for m in also if m != main]
+    b, main = BASELINES[Path(cfg['notebook']).stem], _short(cfg.get('main_metric', 'model/dice_ed/mean'))
+    main = b.paired(main) if b.paired else main
+    return [main] + [m for m in b.also if m != main]
 
 # %% ../nbs/08b_results.ipynb #bb10f5a3
 def _data_name(d: Path) -> str:
@@ -310,7 +326,7 @@ def _test_row(d: Path, cfg, metric) -> dict:
     from echobook.evaluation import paired_test
     spec = metric_spec(metric, cfg)
     row = dict(run=d.name, metric=spec['label'], data=_data_name(d))
-    try: pairs, base = PAIRS[Path(cfg['notebook']).stem](d, metric)
+    try: pairs, base = BASELINES[Path(cfg['notebook']).stem].pairs(d, metric)
     except MissingOutput as e: return {**row, 'missing': str(e)}
     if len(pairs) < 2: return {**row, 'baseline': base, 'n': len(pairs), 'missing': f'{len(pairs)} paired item(s): too few to test'}
     r = paired_test(pairs.model, pairs.baseline, alternative='greater' if spec['better'] == 'max' else 'less')
@@ -476,16 +492,6 @@ def show_deviations(table):
     display(Markdown(deviations_text(table)))
 
 # %% ../nbs/08b_results.ipynb #e5fde426
-BASELINE_WORDS = {'landmarks': "the training set's mean shape placed on every test video (Dice at ED and ES)",
-                  'ef_echoapex': 'the training-mean EF predicted for every video (absolute error)',
-                  'ef_videomae': 'the training-mean EF predicted for every video (absolute error)',
-                  'dfkd': 'the student at its initialisation, before any distillation',
-                  'probing': 'always predicting the most frequent view of the test set (image accuracy per test sequence)',
-                  'lvh': "the training set's mean IVS, LVID and LVPW predicted for every annotated test frame (absolute error in mm)",
-                  'seg': "the training set's mean mask (the pixels that are foreground in at least half of the training masks) placed on every in-domain test frame (Dice)",
-                  'views': "always predicting the training set's most frequent view (per test sequence, 5-frame vote)",
-                  'pretrain': 'the same ViT at its initialisation (KNN view accuracy per query image)'}
-
 def _page_cells(cfg, cit) -> list[tuple[str, str]]:
     "The (kind, source) cells of one results page."
     name = cfg['name']
@@ -500,7 +506,7 @@ def _page_cells(cfg, cit) -> list[tuple[str, str]]:
                      f"echobook runs {name}                           # the runs and their state\n```\n\n"
                      "`make book` runs every table's tiny reproduction and executes this page again."),
         ('code', f"from echobook.results import show_results, show_baseline_tests, show_deviations, show_provenance\nshow_results('{name}', interactive=False)"),
-        ('markdown', f"## Against the baseline\n\nEach finished run against {BASELINE_WORDS[Path(cfg['notebook']).stem]}, on the same "
+        ('markdown', f"## Against the baseline\n\nEach finished run against {BASELINES[Path(cfg['notebook']).stem].words}, on the same "
                      "test items, from the per-item files of its run folder: a one-sided Wilcoxon signed-rank test in the "
                      "direction the metric improves (`echobook.results.baseline_tests`). The caption is written by code."),
         ('code', f"show_baseline_tests('{name}')"),
