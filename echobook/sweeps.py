@@ -19,10 +19,10 @@ from .jobs import run_state, run_one, run_local, slurm_parameters, slurm_executo
 # %% auto #0
 __all__ = ['SHORT', 'IDENTITY_IGNORE', 'SMOKE_RAM_SHARE', 'SMOKE_SHARED', 'SMOKE_COLUMNS', 'SweepConfig', 'config_id',
            'parse_sets', 'expand_grid', 'check_parameters', 'plan_sweep', 'run_sweep', 'run_folders', 'list_runs',
-           'paper_runs', 'ladder', 'paper_stages', 'task_of', 'paper_settings', 'projected_hours', 'smoke_groups',
-           'smoke_root', 'smoke_params', 'smoke_measurements', 'smoke_once', 'memory_budget', 'fit_batch',
-           'smoke_config', 'smoke_table', 'format_smoke', 'table_cost', 'slurm_request', 'format_cost', 'reproduce',
-           'show_runs']
+           'paper_runs', 'ladder', 'paper_stages', 'paper_batch', 'task_of', 'paper_settings', 'projected_hours',
+           'smoke_groups', 'smoke_root', 'smoke_params', 'smoke_measurements', 'smoke_once', 'memory_budget',
+           'fit_batch', 'smoke_config', 'smoke_table', 'format_smoke', 'table_cost', 'slurm_request', 'format_cost',
+           'reproduce', 'show_runs']
 
 # %% ../nbs/07_sweeps.ipynb #12e5d8d1
 #| export
@@ -295,6 +295,12 @@ def paper_stages(task, settings: dict) -> list[dict]:
     return [dict(stage=s, folder=st['folder'], batch=int(_value(st['batch'], names, f'{task}.{s}.batch')),
                  items=float(_value(st['items'], names, f'{task}.{s}.items'))) for s, st in spec['stages'].items()]
 
+def paper_batch(task, settings: dict) -> int:
+    "The paper's batch of a configuration: its `batch_size`, else (null: per model) the batch of its dominant fit."
+    if settings.get('batch_size'): return int(settings['batch_size'])
+    fits = [s for s in paper_stages(task, settings) if s['items']]
+    return max(fits, key=lambda s: s['items'])['batch'] if fits else 1
+
 # %% ../nbs/07_sweeps.ipynb #9e054c01
 def task_of(cfg: dict) -> str:
     "The task (profile file) of a table config: its experiment notebook's name."
@@ -389,11 +395,12 @@ def memory_budget(device=None) -> int:
     import psutil
     return int(SMOKE_RAM_SHARE * psutil.virtual_memory().available)
 
-def fit_batch(peak1, peak2, budget, paper_batch, max_batch=None) -> int:
-    "Largest batch ≤ the paper's whose peak, extrapolated from the peaks at batch 1 and 2, stays under `budget` (bytes)."
-    per = max(peak2 - peak1, 0.1 * peak1, 1)   # bytes per sample (at least 10 % of batch 1's peak: the probe is noisy)
-    b = int((budget - (peak1 - per)) // per)
-    return max(1, min(int(paper_batch), b, int(max_batch or paper_batch)))
+def fit_batch(peak1, peak2, budget, paper_batch, max_batch=None,
+              at=1) -> int:   # the probes ran at batches `at` and `at + 1` (a task's `min_batch`)
+    "Largest batch ≤ the paper's whose peak, extrapolated from the peaks of the two probes, stays under `budget` (bytes)."
+    per = max(peak2 - peak1, 0.1 * peak1 / at, 1)   # bytes per sample (at least 10 % of a probe sample's share: the probe is noisy)
+    b = int((budget - (peak1 - at * per)) // per)
+    return max(at, min(int(paper_batch), b, int(max_batch or paper_batch)))
 
 # %% ../nbs/07_sweeps.ipynb #6d789333
 SMOKE_COLUMNS = ['id', 'status', 'error', 'step_s', 'peak_mem_gb', 'batch_size', 'paper_batch_size', 'projected_gpu_h', 'measured_as']
@@ -409,20 +416,20 @@ def _smoke_row(c, res, paper_batch, stages, device) -> dict:
 
 def _member_row(cfg, m, res, device, measured_as) -> dict:
     "The row of configuration `m` from the smoke run `res`: its own paper batch and stages (its data size), the run's times."
-    settings = paper_settings(cfg, m.params)
-    return {**_smoke_row(m, res, int(settings['batch_size']), paper_stages(task_of(cfg), settings), device), 'measured_as': measured_as}
+    settings, task = paper_settings(cfg, m.params), task_of(cfg)
+    return {**_smoke_row(m, res, paper_batch(task, settings), paper_stages(task, settings), device), 'measured_as': measured_as}
 
 def smoke_config(cfg, c, schema, steps=3, device=None, runs=None, max_batch=None, kernel='echobook', others=()) -> list[dict]:
-    "Smoke-test configuration `c`: probe batches 1 and 2, run at the largest batch that fits; the rows of `c` and of `others` (same code and shapes)."
-    settings = paper_settings(cfg, c.params)
-    paper_batch = int(settings['batch_size'])
+    "Smoke-test configuration `c`: probe two batches (1 and 2, or the task's `min_batch` and one more), run at the largest batch that fits; the rows of `c` and of `others` (same code and shapes)."
+    task = task_of(cfg)
+    full, lo = paper_batch(task, paper_settings(cfg, c.params)), int(paper_runs(task).get('min_batch', 1))
     run = lambda b: smoke_once(cfg, c, schema, steps, b, device, runs, kernel)
-    probes = [run(1)]
-    if probes[0]['state'] == 'done' and probes[0]['smoke'] and paper_batch > 1 and (max_batch or 2) > 1: probes.append(run(2))
-    res = next((p for p in probes if p['state'] != 'done'), None if probes[0]['smoke'] else probes[0])   # no fit (a probe): batch 1 says it all
+    probes = {lo: run(lo)}
+    if probes[lo]['state'] == 'done' and probes[lo]['smoke'] and full > lo and (max_batch or lo + 1) > lo: probes[lo + 1] = run(lo + 1)
+    res = next((p for p in probes.values() if p['state'] != 'done'), None if probes[lo]['smoke'] else probes[lo])   # no fit (a probe): one run says it all
     if res is None:
-        b = fit_batch(probes[0]['peak'], probes[-1]['peak'], memory_budget(device), paper_batch, max_batch) if len(probes) > 1 else 1
-        res = probes[b - 1] if b <= len(probes) else run(b)
+        b = fit_batch(probes[lo]['peak'], probes[max(probes)]['peak'], memory_budget(device), full, max_batch, at=lo) if len(probes) > 1 else lo
+        res = probes[b] if b in probes else run(b)
     rows = [_member_row(cfg, m, res, device, c.id) for m in [c, *others]]
     for m, row in zip([c, *others], rows):   # each configuration's result.json (what `--dry-run` reads), pointing at the run
         atomic_write_json(smoke_root(cfg['path'], runs)/m.id/'result.json', {**row, 'measured': time.strftime('%Y-%m-%dT%H:%M:%S'), 'params': _identity(m.params)})

@@ -25,6 +25,18 @@ def test_fit_batch_memory_rule():
     assert fit_batch(2e9, 3e9, 1e9, 20) == 1                      # never below one
     assert fit_batch(2e9, 2e9, 4e9, 20) == 11                     # a flat probe still costs 10 % of batch 1 per sample
     assert fit_batch(2e9, 3e9, 100e9, 20, max_batch=4) == 4
+    assert fit_batch(2e9, 3e9, 1e9, 20, at=2) == 2                # a task's min_batch is the floor (KoLeo, ASPP BatchNorm)
+    assert fit_batch(4e9, 5e9, 10e9, 20, at=2) == 8               # probes at 2 and 3: 1 GB per sample over a 2 GB base
+
+
+def test_paper_batch_of_every_paper_config():
+    "Each configuration's paper batch: its batch_size, else (null: per model) its dominant fit's; tasks that cannot train on one image say so."
+    from echobook.sweeps import paper_batch, paper_runs
+    for table in list_tables():
+        cfg = load_table_config(table)
+        for c in expand_grid(cfg, 'paper'):
+            assert paper_batch(task_of(cfg), paper_settings(cfg, c.params)) >= 1, (table, c.id)
+    assert paper_runs('pretrain')['min_batch'] == 2 and paper_runs('lvh')['min_batch'] == 2
 
 
 @pytest.mark.parametrize('table', list_tables())

@@ -287,9 +287,10 @@ def medsam_file(weights_dir=None) -> Path:
 # %% ../../nbs/02g_models.sam.ipynb #a1d0e5c3
 class MedSAM(nn.Module):
     "A released SAM-family model (`segment_anything` `Sam`) run as MedSAM's inference runs it: frames + boxes → mask logits at the frame size."
-    def __init__(self, sam):
+    def __init__(self, sam,
+                 chunk=4):   # images per encoder call: ViT-B at 1024² holds ~0.8 GB of attention per image in its global blocks
         super().__init__()
-        self.sam, self.input_size = sam.eval(), int(sam.image_encoder.img_size)
+        self.sam, self.input_size, self.chunk = sam.eval(), int(sam.image_encoder.img_size), chunk
 
     def preprocess(self, frames) -> torch.Tensor:
         "Frames (B, 3 or 1, H, W) on 0..255 → (B, 3, S, S) on [0, 1]: bicubic resize to S = `input_size`, 8 bits, min-max per image."
@@ -302,7 +303,7 @@ class MedSAM(nn.Module):
         "Mask logits (B, 1, H, W) of frames (B, 3 or 1, H, W) on 0..255, one box (x0, y0, x1, y1) in frame pixels per frame."
         b, (h, w) = len(frames), frames.shape[-2:]
         if frames.ndim != 4 or tuple(boxes.shape) != (b, 4): raise ValueError(f'MedSAM: frames (B, C, H, W) and boxes (B, 4), got {tuple(frames.shape)} and {tuple(boxes.shape)}')
-        emb = self.sam.image_encoder(self.preprocess(frames))
+        emb = torch.cat([self.sam.image_encoder(self.preprocess(frames[i:i + self.chunk])) for i in range(0, b, self.chunk)])
         box = boxes.float() * boxes.new_tensor([w, h, w, h]).float().reciprocal() * self.input_size
         sparse, dense = self.sam.prompt_encoder(points=None, boxes=box[:, None], masks=None)
         pe = self.sam.prompt_encoder.get_dense_pe()

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/06i_tasks.pretrain.ipynb #245d09f6
 from __future__ import annotations
-import math
+import math, re
 from pathlib import Path
 
 import cv2
@@ -257,6 +257,9 @@ def pretrain_config(cfg: dict) -> dict:
     init_tag(cfg['arch'])
     if cfg['batch_size'] < 2: raise ConfigError(f"batch_size: KoLeo needs at least 2 images per batch, got {cfg['batch_size']}")
     if cfg['local_size'] >= cfg['size']: raise ConfigError(f"local_size ({cfg['local_size']}) must be smaller than size ({cfg['size']})")
+    patch = int(re.search(r'patch(\d+)', cfg['arch']).group(1))
+    if bad := [k for k in ('size', 'local_size') if cfg[k] % patch]:
+        raise ConfigError(f"{', '.join(f'{k}={cfg[k]}' for k in bad)}: the crops of {cfg['arch']} must be multiples of its patch size {patch}")
     return cfg
 
 
