@@ -118,6 +118,16 @@ def _stderr_to(path: Path):
     finally:
         sys.stderr.flush(); os.dup2(saved, 2); os.close(saved)
 
+@contextlib.contextmanager
+def _runs_env(runs):
+    "Point `$ECHOBOOK_RUNS` at the sweep's runs root meanwhile: the kernel inherits it, so the notebook's shared phantoms land under `runs`."
+    old = os.environ.get('ECHOBOOK_RUNS')
+    if runs: os.environ['ECHOBOOK_RUNS'] = str(runs)
+    try: yield
+    finally:
+        if old is None: os.environ.pop('ECHOBOOK_RUNS', None)
+        else: os.environ['ECHOBOOK_RUNS'] = old
+
 def error_text(e: BaseException) -> str:
     "One-line error of a failed execution (the notebook's own exception for papermill errors)."
     if hasattr(e, 'ename'): return f'{e.ename}: {e.evalue} (cell {getattr(e, "exec_count", "?")}; see notebook.ipynb)'
@@ -128,7 +138,7 @@ def _execute(job: dict, rd: Path):
     "Execute the job's notebook into `rd/notebook.ipynb`; returns the exception it raised (None if none)."
     try:
         import papermill as pm
-        with _stderr_to(rd/'kernel.log'):
+        with _stderr_to(rd/'kernel.log'), _runs_env(job.get('runs')):
             pm.execute_notebook(str(job['notebook']), str(rd/'notebook.ipynb'), parameters=job['params'], kernel_name=job.get('kernel', 'echobook'),
                                 cwd=str(rd), progress_bar=False, log_output=job.get('log_output', False), execution_timeout=job.get('timeout'))
     except KeyboardInterrupt: raise
@@ -137,7 +147,7 @@ def _execute(job: dict, rd: Path):
         return e
 
 def run_one(job: dict) -> dict:
-    "Execute one configuration (`job`: id, notebook, run_dir, params, kernel, retry_failed, record) into its run folder."
+    "Execute one configuration (`job`: id, notebook, run_dir, params, kernel, retry_failed, record, runs) into its run folder."
     rd, t0 = Path(job['run_dir']), time.time()
     res = lambda state, error=None: dict(id=job['id'], state=state, error=error, seconds=round(time.time() - t0, 1))
     with _locked(rd) as ok:

@@ -316,10 +316,11 @@ def baseline_metrics(cfg) -> list[str]:
 
 # %% ../nbs/08b_results.ipynb #bb10f5a3
 def _data_name(d: Path) -> str:
-    "'the phantom' for a run on phantom data, else its data folder's name."
+    "'the phantom' for a run on a phantom (any kind: written under a runs root's `_data/`), else its data folder's name."
     from echobook.core import read_json
     data = Path((read_json(d/'config.json', {}) or {}).get('data_dir') or '')
-    return 'the phantom' if data.name.startswith('phantom') or not data.name else f'`{data.name}`'
+    made = '_data' in data.parts or 'phantom' in data.name     # the sweeps write every kind of phantom under <runs>/_data/
+    return 'the phantom' if made or not data.name else f'`{data.name}`'
 
 def _test_row(d: Path, cfg, metric) -> dict:
     "The paired test of run `d` against its baseline on `metric` (or the file it lacks)."
@@ -357,26 +358,41 @@ def _one(r) -> str:
     "One run's test in words."
     return f"{r.metric.rstrip(' ↑↓')}, {r.baseline}: n = {r.n:.0f}, mean difference {r.difference:+.3g}, one-sided Wilcoxon p = {r.p:.3g}"
 
+def _other_metrics(df: pd.DataFrame) -> tuple[str, bool]:
+    "The verdict on each metric tested besides the runs' main one, in words, and whether a run beats its baseline on any of them."
+    rest = df[df.groupby('run', sort=False).cumcount() > 0]
+    rest = rest[rest.p.notna()].astype({'beats': bool})
+    parts = []
+    for m, g in rest.groupby('metric', sort=False):
+        won = g[g.beats]
+        p = f'largest p = {won.p.max():.3g}' if len(won) else f'smallest p = {g.p.min():.3g}'
+        parts.append(f"{m.rstrip(' ↑↓')}, {len(won)} of {len(g)} ({p})")
+    text = f"On the other metrics tested, the runs that beat their baseline: {'; '.join(parts)}." if parts else ''
+    return text, bool(rest.beats.any())
+
 def baseline_caption(df: pd.DataFrame) -> str:
-    "The verdict of a config's runs against their baselines, in words (from `baseline_tests`, first metric per run)."
+    "The verdict of a config's runs against their baselines, in words (from `baseline_tests`: the main metric, then the others)."
     if not len(df): return 'No finished run yet: no paired test against the baseline.'
     main = df.groupby('run', sort=False).head(1)
     tested, missing = main[main.p.notna()].astype({'beats': bool, 'n': int}), main[main.p.isna()]
+    others, wins_elsewhere = _other_metrics(df)
+    only = lambda who: '' if wins_elsewhere else f': {who} the pipeline only'
     out = []
     if len(tested) == 1:
         r = tested.iloc[0]
         out.append(f"The run beats its baseline ({_one(r)})." if r.beats else
-                   f"The run does not beat its baseline on {r.data} ({_one(r)}): this run checks the pipeline only.")
+                   f"The run does not beat its baseline on {r.data} ({_one(r)}){only('this run checks')}.")
     elif len(tested):
         won, lost = tested[tested.beats], tested[~tested.beats]
         if len(won): out.append(f"{len(won)} of {len(tested)} runs beat their baseline on {won.metric.iloc[0].rstrip(' ↑↓')} "
                                 f"(one-sided Wilcoxon, largest p = {won.p.max():.3g}).")
-        if len(lost) == len(tested): out.append(f"None of the {len(lost)} runs beats its baseline on {lost.data.iloc[0]} "
-                                               f"(smallest p = {lost.p.min():.3g}): they check the pipeline only.")
+        if len(lost) == len(tested): out.append(f"None of the {len(lost)} runs beats its baseline on {lost.metric.iloc[0].rstrip(' ↑↓')} "
+                                               f"on {lost.data.iloc[0]} (smallest p = {lost.p.min():.3g}){only('they check')}.")
         elif len(lost) == 1: out.append(f"The other run (`{lost.run.iloc[0]}`) does not beat its baseline on {lost.data.iloc[0]} "
-                                        f"(p = {lost.p.iloc[0]:.3g}): it checks the pipeline only.")
+                                        f"(p = {lost.p.iloc[0]:.3g}){only('it checks')}.")
         elif len(lost): out.append(f"The other {len(lost)} runs ({_names(lost.run)}) do not beat their baseline on {lost.data.iloc[0]} "
-                                   f"(smallest p = {lost.p.min():.3g}): they check the pipeline only.")
+                                   f"(smallest p = {lost.p.min():.3g}){only('they check')}.")
+    if others: out.append(others)
     small = tested[(~tested.beats) & (tested.n.map(_min_p) >= ALPHA)]
     if len(small): out.append(f"With n = {small.n.min():.0f} test items the one-sided Wilcoxon test cannot reach p < {ALPHA:g} "
                               f"(its smallest p is {_min_p(small.n.min()):.3g}): a larger test set is needed to show an effect.")

@@ -161,7 +161,7 @@ def _jobs(plan: pd.DataFrame, cfg: dict, profile, retry_failed, kernel, timeout)
     "One `run_one` job per configuration to run."
     nb = notebook_path(cfg)
     return [dict(id=r.id, notebook=str(nb), run_dir=r.run_dir, params=r.params, kernel=kernel, timeout=timeout,
-                 retry_failed=retry_failed, record=dict(table=cfg['name'], profile=profile, grid=r.grid))
+                 retry_failed=retry_failed, runs=str(Path(r.run_dir).parents[1]), record=dict(table=cfg['name'], profile=profile, grid=r.grid))
             for r in plan.itertuples() if r.action == 'run']
 
 def _prepare_phantoms(jobs: list[dict], root: Path):
@@ -380,7 +380,7 @@ def smoke_once(cfg: dict, c: SweepConfig, schema: dict, steps, batch, device=Non
     params = {**smoke_params(c.params, schema, steps, batch, device, runs), 'run_dir': str(rd)}
     if 'teacher_dir' in schema: params['teacher_dir'] = str(rd.parents[1]/'_shared'/'teacher')   # a smoke-trained teacher: shared by this smoke's runs, never by a real one
     _prepare_phantoms([dict(params=params)], runs_root(runs))
-    r = run_one(dict(id=c.id, notebook=str(notebook_path(cfg)), run_dir=str(rd), params=params, kernel=kernel,
+    r = run_one(dict(id=c.id, notebook=str(notebook_path(cfg)), run_dir=str(rd), params=params, kernel=kernel, runs=str(runs_root(runs)),
                      record=dict(table=cfg['name'], profile='paper', smoke=True, grid=c.grid)))
     m = smoke_measurements(rd)
     return dict(state=r['state'], error=r.get('error'), seconds=r['seconds'], batch=int(batch), smoke=m, run_dir=str(rd),
