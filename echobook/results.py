@@ -444,14 +444,20 @@ def fake_item_run(runs,          # runs root
     return d
 
 # %% ../nbs/08b_results.ipynb #15d82099
-def _data_label(d) -> str:
-    "A run's data folder, the sweep's shared phantom named as such."
-    if not d: return '—'
-    return f"phantom ({Path(d).name.rsplit('-', 1)[1]} videos)" if Path(d).name.startswith('phantom-') and Path(d).parent.name == '_data' else str(d)
+def _made_by_sweep(d) -> bool:
+    "Whether data folder `d` is a phantom a sweep or notebook wrote under a runs root's `_data/`."
+    return isinstance(d, str) and '_data' in Path(d.split(',')[0]).parts
 
-def _command(name, profile, data, cluster) -> str:
-    "The command that (re)produces runs of `name` with this profile, data and executor."
-    return (f'echobook reproduce {name} --profile {profile}' + ('' if data is None or data.startswith('phantom (') else f' --data {data}')
+def _data_label(d) -> str:
+    "A run's data folder: a phantom named as such (its video count where its name gives it), else the path."
+    if not d: return '—'
+    if not _made_by_sweep(d): return str(d)
+    name = Path(str(d).split(',')[0]).name
+    return f"phantom ({name.rsplit('-', 1)[1]} videos)" if name.startswith('phantom-') and name.rsplit('-', 1)[1].isdigit() else f'phantom ({name})'
+
+def _command(name, profile, given, cluster) -> str:
+    "The command that (re)produces runs of `name` with this profile, the `--data` the sweep was given (None, NaN or a phantom: none) and executor."
+    return (f'echobook reproduce {name} --profile {profile}' + ('' if not isinstance(given, str) or _made_by_sweep(given) else f' --data {given}')
             + (' --executor slurm' if cluster else ''))
 
 def _wall_seconds(status: dict, metrics: dict):
@@ -466,8 +472,9 @@ def _run_facts(d: Path) -> dict:
     run = RunDir(d)
     sw, st, m = run.read('sweep.json', {}) or {}, run.status, run.read('metrics.json', {}) or {}
     att = (run.attempts or [{}])[-1] or run.read('env.json', {}) or {}
-    return dict(profile=sw.get('profile') or (run.read('config.json', {}) or {}).get('profile') or '?', state=run.state,
-                data=_data_label((sw.get('params') or {}).get('data_dir')), cluster=sw.get('cluster'),
+    given, cfg = (sw.get('params') or {}).get('data_dir'), run.read('config.json', {}) or {}
+    return dict(profile=sw.get('profile') or cfg.get('profile') or '?', state=run.state, given=given,
+                data=_data_label(given or cfg.get('data_dir')), cluster=sw.get('cluster'),   # the notebook's own phantom when the sweep gave none
                 commit=str(att.get('git_sha') or att.get('code_version') or '?'),
                 machine=f"{att.get('hostname', '?')} ({att.get('device') or 'cpu'})",
                 seconds=_wall_seconds(st, m) if run.state == 'done' else None, date=(st.get('done_at') or '')[:10])
@@ -490,7 +497,7 @@ def provenance(table,      # table name or config path
     for prof, g in pd.DataFrame(facts).groupby('profile', sort=False) if facts else []:
         sec, dates = g.seconds.dropna(), sorted(x for x in g.date if x)
         rows.append({'profile': prof, 'runs': f"{(g.state == 'done').sum()} done of {len(g)}",
-                     'command': _join(_command(cfg['name'], prof, dt, c) for dt, c in zip(g.data, g.cluster)), 'data': _join(g.data),
+                     'command': _join(_command(cfg['name'], prof, dt, c) for dt, c in zip(g.get('given', [None] * len(g)), g.cluster)), 'data': _join(g.data),
                      'commit': _join(c[:12] + ('+dirty' if c.endswith('+dirty') else '') for c in g.commit),
                      'machine': _join(g.machine), 'wall time': f'{sec.sum() / 60:.1f} min' if len(sec) else '—',
                      'date': (dates[0] if dates[0] == dates[-1] else f'{dates[0]} … {dates[-1]}') if dates else '—'})
