@@ -601,13 +601,20 @@ def _best(t, col, group) -> tuple[float, str]:
     return float(v[i]), ', '.join(str(x) for x in d.loc[i, t.headers] if str(x))
 
 def _verdict(name, runs=None) -> str:
-    "A config's runs against their baseline (paired test, first metric) in a few words."
+    "A config's runs against their baseline (paired test, main metric; the others where the main one never wins) in a few words."
     df = baseline_tests(name, runs)
     main = df.groupby('run', sort=False).head(1)
     tested = main[main.p.notna()]
     if not len(tested): return 'per-item files missing' if len(main) else '—'
-    k = int(tested.beats.astype(bool).sum())
-    return f'{k} of {len(tested)} runs beat it' + ('' if k else ': pipeline check only')
+    k, others = int(tested.beats.astype(bool).sum()), _other_wins(df)
+    return f'{k} of {len(tested)} runs beat it' + ('' if k else f' ({others})' if others else ': pipeline check only')
+
+def _other_wins(df) -> str:
+    "The metrics besides the main one on which some run beats its baseline, with how many runs ('' if none)."
+    rest = df[df.groupby('run', sort=False).cumcount() > 0]
+    rest = rest[rest.p.notna()]
+    won = rest[rest.beats.astype(bool)].groupby('metric', sort=False).size()
+    return '; '.join(f"{n} of {rest.run.nunique()} on {m.rstrip(' ↑↓')}" for m, n in won.items())
 
 def paper_summary(runs=None,  # runs root (default `runs_root()`)
                   link=True,  # link each table to its results page
