@@ -452,7 +452,8 @@ def _data_label(d) -> str:
     "A run's data folder: a phantom named as such (its video count where its name gives it), else the path."
     if not d: return '—'
     if not _made_by_sweep(d): return str(d)
-    name = Path(str(d).split(',')[0]).name
+    parts = Path(str(d).split(',')[0]).parts
+    name = parts[parts.index('_data') + 1] if len(parts) > parts.index('_data') + 1 else parts[-1]   # the phantom's folder, not a split inside it
     return f"phantom ({name.rsplit('-', 1)[1]} videos)" if name.startswith('phantom-') and name.rsplit('-', 1)[1].isdigit() else f'phantom ({name})'
 
 def _command(name, profile, given, cluster) -> str:
