@@ -315,12 +315,18 @@ def baseline_metrics(cfg) -> list[str]:
     return [main] + [m for m in b.also if m != main]
 
 # %% ../nbs/08b_results.ipynb #bb10f5a3
+def _phantom_name(d) -> str|None:
+    "The phantom's folder name if data folder `d` is one (any kind: under a runs root's `_data/`, or named so), else None."
+    if not isinstance(d, str) or not d: return None
+    parts = Path(d.split(',')[0]).parts
+    if '_data' in parts[:-1]: return parts[parts.index('_data') + 1]   # the phantom's folder, not a split inside it
+    return parts[-1] if 'phantom' in parts[-1] else None
+
 def _data_name(d: Path) -> str:
-    "'the phantom' for a run on a phantom (any kind: written under a runs root's `_data/`), else its data folder's name."
+    "'the phantom' for a run on a phantom, else its data folder's name."
     from echobook.core import read_json
-    data = Path((read_json(d/'config.json', {}) or {}).get('data_dir') or '')
-    made = '_data' in data.parts or 'phantom' in data.name     # the sweeps write every kind of phantom under <runs>/_data/
-    return 'the phantom' if made or not data.name else f'`{data.name}`'
+    data = (read_json(d/'config.json', {}) or {}).get('data_dir') or ''
+    return 'the phantom' if not data or _phantom_name(data) else f'`{Path(data).name}`'
 
 def _test_row(d: Path, cfg, metric) -> dict:
     "The paired test of run `d` against its baseline on `metric` (or the file it lacks)."
@@ -358,10 +364,14 @@ def _one(r) -> str:
     "One run's test in words."
     return f"{r.metric.rstrip(' ↑↓')}, {r.baseline}: n = {r.n:.0f}, mean difference {r.difference:+.3g}, one-sided Wilcoxon p = {r.p:.3g}"
 
+def _secondary_tests(df: pd.DataFrame) -> pd.DataFrame:
+    "The tests of `baseline_tests` on the metrics besides each run's main one (first), those with a p value."
+    rest = df[df.groupby('run', sort=False).cumcount() > 0]
+    return rest[rest.p.notna()].astype({'beats': bool})
+
 def _other_metrics(df: pd.DataFrame) -> tuple[str, bool]:
     "The verdict on each metric tested besides the runs' main one, in words, and whether a run beats its baseline on any of them."
-    rest = df[df.groupby('run', sort=False).cumcount() > 0]
-    rest = rest[rest.p.notna()].astype({'beats': bool})
+    rest = _secondary_tests(df)
     parts = []
     for m, g in rest.groupby('metric', sort=False):
         won = g[g.beats]
@@ -445,15 +455,14 @@ def fake_item_run(runs,          # runs root
 
 # %% ../nbs/08b_results.ipynb #15d82099
 def _made_by_sweep(d) -> bool:
-    "Whether data folder `d` is a phantom a sweep or notebook wrote under a runs root's `_data/`."
+    "Whether data folder `d` was written under a runs root's `_data/` (a sweep's default: the command gives no --data)."
     return isinstance(d, str) and '_data' in Path(d.split(',')[0]).parts
 
 def _data_label(d) -> str:
     "A run's data folder: a phantom named as such (its video count where its name gives it), else the path."
     if not d: return '—'
-    if not _made_by_sweep(d): return str(d)
-    parts = Path(str(d).split(',')[0]).parts
-    name = parts[parts.index('_data') + 1] if len(parts) > parts.index('_data') + 1 else parts[-1]   # the phantom's folder, not a split inside it
+    name = _phantom_name(d)
+    if not name: return str(d)
     return f"phantom ({name.rsplit('-', 1)[1]} videos)" if name.startswith('phantom-') and name.rsplit('-', 1)[1].isdigit() else f'phantom ({name})'
 
 def _command(name, profile, given, cluster) -> str:
@@ -612,9 +621,8 @@ def _verdict(name, runs=None) -> str:
 
 def _other_wins(df) -> str:
     "The metrics besides the main one on which some run beats its baseline, with how many runs ('' if none)."
-    rest = df[df.groupby('run', sort=False).cumcount() > 0]
-    rest = rest[rest.p.notna()]
-    won = rest[rest.beats.astype(bool)].groupby('metric', sort=False).size()
+    rest = _secondary_tests(df)
+    won = rest[rest.beats].groupby('metric', sort=False).size()
     return '; '.join(f"{n} of {rest.run.nunique()} on {m.rstrip(' ↑↓')}" for m, n in won.items())
 
 def paper_summary(runs=None,  # runs root (default `runs_root()`)
